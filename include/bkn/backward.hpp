@@ -1,0 +1,485 @@
+// SPDX-License-Identifier: MIT
+// backward: one layer's complete gradient (docs/math.md), to x, gamma, beta, the gain, the
+// transition, the process noise and the previous layer's posterior, so it flows along the chain.
+#pragma once
+
+#include <cmath>
+
+#include "bkn/forward.hpp"
+
+BKN_BEGIN_NAMESPACE
+namespace detail {
+
+template <class P>
+BKN_HOST_DEVICE inline double at_or_zero(const P* p, index_t i) {
+  return p ? double(p[i]) : 0.0;
+}
+
+/// Diagonal mode, per (g, c): the coefficients of dx and the gradients of Eq. 5's inputs.
+template <class P>
+struct diag_backward_op {
+  double count, epsilon;
+  const P *gain_logit, *gamma;
+  index_t gain_count, channels;
+  const P *obs_mean, *obs_var, *pred_mean, *pred_var, *post_mean, *post_var;
+  const P *sum_dy, *sum_dy_centred, *dpost_mean, *dpost_var;
+  P *a, *b, *k, *dq, *dmean_pred, *dvar_pred;
+
+  BKN_HOST_DEVICE void operator()(index_t i) const {
+    const index_t c = i % channels;
+    math::diag_backward_in<double> in;
+    in.count = count;
+    in.q = gain_at(gain_logit, gain_count, c);
+    in.gamma = gamma ? double(gamma[c]) : 1.0;
+    in.epsilon = epsilon;
+    in.observed = {double(obs_mean[i]), double(obs_var[i])};
+    in.predicted = {double(pred_mean[i]), double(pred_var[i])};
+    in.posterior = {double(post_mean[i]), double(post_var[i])};
+    in.sum_dy = double(sum_dy[i]);
+    in.sum_dy_centred = double(sum_dy_centred[i]);
+    in.dmean_out = at_or_zero(dpost_mean, i);
+    in.dvar_out = at_or_zero(dpost_var, i);
+    const auto out = math::kalman_backward(in);
+    a[i] = P(out.a);
+    b[i] = P(out.b);
+    k[i] = P(out.k);
+    dq[i] = P(out.dq);
+    dmean_pred[i] = P(out.dmean_predicted);
+    dvar_pred[i] = P(out.dvar_predicted);
+  }
+};
+
+/// Full mode, per (g, i, j): G = dSigma_out + diag(-1/2 gamma sum dy (x - mu) / sigma^3).
+template <class P>
+struct full_gradient_matrix_op {
+  double epsilon;
+  const P *gamma, *post_cov, *sum_dy_centred, *dpost_cov;
+  index_t channels;
+  P* matrix;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    using std::sqrt;
+    const index_t C = channels;
+    const index_t g = e / (C * C), i = (e / C) % C, j = e % C;
+    double v = at_or_zero(dpost_cov, e);
+    if (i == j) {
+      const double inv_sigma = 1.0 / sqrt(double(post_cov[e]) + epsilon);
+      v -= 0.5 * (gamma ? double(gamma[i]) : 1.0) * double(sum_dy_centred[g * C + i]) *
+           inv_sigma * inv_sigma * inv_sigma;
+    }
+    matrix[e] = P(v);
+  }
+};
+
+/// Full mode, per (g, i): dx's a and k, dmu_total, dmu_pred and row i's part of dq.
+template <class P>
+struct full_backward_vector_op {
+  double count, epsilon;
+  const P *gain_logit, *gamma;
+  index_t channels;
+  const P *matrix, *obs_mean, *obs_cov, *pred_mean, *pred_cov, *post_mean, *post_cov;
+  const P *sum_dy, *dpost_mean;
+  P *a, *k, *dmean, *dq, *dmean_pred;
+
+  BKN_HOST_DEVICE void operator()(index_t r) const {
+    using std::sqrt;
+    const index_t C = channels, g = r / C, i = r % C;
+    const double q = gain_at(gain_logit, 1, 0), p = 1 - q;
+    const double gam = gamma ? double(gamma[i]) : 1.0;
+    const double inv_sigma = 1.0 / sqrt(double(post_cov[(g * C + i) * C + i]) + epsilon);
+    const double dmean_total = at_or_zero(dpost_mean, r) - gam * double(sum_dy[r]) * inv_sigma;
+    const P* G = matrix + g * C * C;
+    const double d_i = double(obs_mean[r]) - double(pred_mean[r]);
+    double gs_d = 0, gs_mu = 0, dq_row = dmean_total * d_i;
+    for (index_t j = 0; j < C; ++j) {
+      const double gs = double(G[i * C + j]) + double(G[j * C + i]);
+      const double d_j = double(obs_mean[g * C + j]) - double(pred_mean[g * C + j]);
+      gs_d += gs * d_j;
+      gs_mu += gs * double(post_mean[g * C + j]);
+      const index_t e = (g * C + i) * C + j;
+      dq_row += double(G[i * C + j]) *
+                (double(obs_cov[e]) - double(pred_cov[e]) + (1 - 2 * q) * d_i * d_j);
+    }
+    a[r] = P(gam * inv_sigma);
+    k[r] = P(q / count * (dmean_total - gs_mu));
+    dmean[r] = P(dmean_total);
+    dq[r] = P(dq_row);
+    dmean_pred[r] = P(p * dmean_total - p * q * gs_d);
+  }
+};
+
+/// Full mode, per (g, i, j): dx's matrix (q/m)(G + G^T) and dSigma_pred = p G.
+template <class P>
+struct full_mix_matrix_op {
+  double count;
+  const P* gain_logit;
+  index_t channels;
+  const P* matrix;
+  P *mix, *dcov_pred;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t C = channels;
+    const index_t g = e / (C * C), i = (e / C) % C, j = e % C;
+    const double q = gain_at(gain_logit, 1, 0);
+    const double gij = double(matrix[e]), gji = double(matrix[(g * C + j) * C + i]);
+    mix[e] = P(q / count * (gij + gji));
+    dcov_pred[e] = P((1 - q) * gij);
+  }
+};
+
+/// Per channel: the parameter gradients, summed over the groups in a fixed order.
+template <class P>
+struct parameter_gradients_op {
+  double epsilon;
+  index_t groups, channels, cov_stride;
+  const P *post_cov, *sum_dy, *sum_dy_centred, *dq, *gain_logit, *dcov_pred, *noise;
+  P *dgamma, *dbeta, *dgain, *dnoise;  // null: not wanted
+
+  BKN_HOST_DEVICE void operator()(index_t c) const {
+    using std::sqrt;
+    double sg = 0, sb = 0, sq = 0, sn = 0;
+    for (index_t g = 0; g < groups; ++g) {
+      const index_t i = g * channels + c;
+      const index_t d = cov_stride == 1 ? i : g * channels * channels + c * cov_stride;
+      sg += double(sum_dy_centred[i]) / sqrt(double(post_cov[d]) + epsilon);
+      sb += double(sum_dy[i]);
+      if (dgain) sq += double(dq[i]);
+      if (dnoise) sn += double(dcov_pred[d]);
+    }
+    if (dgamma) dgamma[c] = P(sg);
+    if (dbeta) dbeta[c] = P(sb);
+    if (dgain) {
+      const double q = math::sigmoid(double(gain_logit[c]));
+      dgain[c] = P(sq * q * (1 - q));
+    }
+    if (dnoise) dnoise[c] = P(sn * math::sigmoid(double(noise[c])));
+  }
+};
+
+/// The gradient of a per-layer gain: sum of every (g, c) part, in a fixed order.
+template <class P>
+struct scalar_gain_gradient_op {
+  const P *dq, *gain_logit;
+  index_t count;
+  P* dgain;
+  BKN_HOST_DEVICE void operator()(index_t) const {
+    double s = 0;
+    for (index_t i = 0; i < count; ++i) s += double(dq[i]);
+    const double q = math::sigmoid(double(gain_logit[0]));
+    dgain[0] = P(s * q * (1 - q));
+  }
+};
+
+/// Per (prior group g', channel k of the previous layer): d(prior mean), and in diagonal mode
+/// d(prior variance), through A^T and (A o A)^T. A prior shared by every group (one prior
+/// group) receives the sum over the groups.
+template <class P>
+struct transition_backward_op {
+  transition_kind kind;
+  const P* weights;
+  index_t groups, prior_groups, channels, in_channels;
+  const P *dmean_pred, *dvar_pred;  // dvar_pred null in full mode
+  P *dprior_mean, *dprior_var;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t gp = e / in_channels, k = e % in_channels;
+    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
+    double dm = 0, dv = 0;
+    for (index_t g = first; g < last; ++g) {
+      const P* dmu = dmean_pred + g * channels;
+      if (kind == transition_kind::dense) {
+        for (index_t c = 0; c < channels; ++c) {
+          const double a = double(weights[c * in_channels + k]);
+          dm += a * double(dmu[c]);
+          if (dvar_pred) dv += a * a * double(dvar_pred[g * channels + c]);
+        }
+      } else {
+        const double a = kind == transition_kind::diagonal ? double(weights[k]) : 1.0;
+        dm += a * double(dmu[k]);
+        if (dvar_pred) dv += a * a * double(dvar_pred[g * channels + k]);
+      }
+    }
+    dprior_mean[e] = P(dm);
+    if (dvar_pred) dprior_var[e] = P(dv);
+  }
+};
+
+/// Per weight of A (diagonal: c; dense: (c, k)): the mean part of dA, plus in diagonal mode
+/// the variance part 2 a dvar_pred v_prev. Full mode adds its covariance part afterwards.
+template <class P>
+struct transition_gradient_op {
+  transition_kind kind;
+  const P* weights;
+  index_t groups, prior_groups, channels, in_channels;
+  const P *dmean_pred, *dvar_pred, *prior_mean, *prior_var;  // *var null in full mode
+  P* dweights;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const bool dense = kind == transition_kind::dense;
+    const index_t c = dense ? e / in_channels : e, k = dense ? e % in_channels : e;
+    const double a = double(weights[e]);
+    double s = 0;
+    for (index_t g = 0; g < groups; ++g) {
+      const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
+      s += double(dmean_pred[g * channels + c]) * double(prior_mean[base + k]);
+      if (dvar_pred)
+        s += 2 * a * double(dvar_pred[g * channels + c]) * double(prior_var[base + k]);
+    }
+    dweights[e] = P(s);
+  }
+};
+
+/// Full mode, identity and diagonal A: d(prior cov)[g', i, j] = a_i a_j dSigma_pred[g, i, j].
+template <class P>
+struct transition_cov_backward_op {
+  const P* weights;  // null: identity
+  index_t groups, prior_groups, channels;
+  const P* dcov_pred;
+  P* dprior_cov;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t C = channels;
+    const index_t gp = e / (C * C), i = (e / C) % C, j = e % C;
+    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
+    double s = 0;
+    for (index_t g = first; g < last; ++g) s += double(dcov_pred[(g * C + i) * C + j]);
+    if (weights) s *= double(weights[i]) * double(weights[j]);
+    dprior_cov[e] = P(s);
+  }
+};
+
+/// Full mode, diagonal A: adds sum_g sum_j D[k,j] a_j Sp[k,j] + D[j,k] a_j Sp[j,k] to da_k.
+template <class P>
+struct diagonal_transition_cov_gradient_op {
+  const P* weights;
+  index_t groups, prior_groups, channels;
+  const P *dcov_pred, *prior_cov;
+  P* dweights;
+
+  BKN_HOST_DEVICE void operator()(index_t k) const {
+    const index_t C = channels;
+    double s = 0;
+    for (index_t g = 0; g < groups; ++g) {
+      const P* D = dcov_pred + g * C * C;
+      const P* Sp = prior_cov + (prior_groups == 1 ? 0 : g) * C * C;
+      for (index_t j = 0; j < C; ++j)
+        s += double(weights[j]) * (double(D[k * C + j]) * double(Sp[k * C + j]) +
+                                   double(D[j * C + k]) * double(Sp[j * C + k]));
+    }
+    dweights[k] = P(double(dweights[k]) + s);
+  }
+};
+
+template <class P>
+struct fill_op {
+  P* to;
+  P value;
+  BKN_HOST_DEVICE void operator()(index_t i) const { to[i] = value; }
+};
+
+/// The transition's backward: d(prior) and dA from dmu_pred and dSigma_pred (math.md).
+template <class Backend, class P>
+void transition_backward(const Backend& backend, covariance mode, const transition<P>& A,
+                         index_t groups, index_t channels, gaussian_view<const P> prior,
+                         const layer_workspace<P>& w, gaussian_view<P> dprior,
+                         span<P> dweights) {
+  using K = kernels<Backend>;
+  const bool full = mode == covariance::full;
+  const index_t G = groups, C = channels, PG = prior.groups, Cin = prior.channels;
+  const P* dvar_pred = full ? nullptr : w.dcov_predicted.data();
+  if (!dweights.empty() && A.kind != transition_kind::identity) {
+    K::for_each(backend, A.weight_count(C),
+                transition_gradient_op<P>{A.kind, A.weights.data(), G, PG, C, Cin,
+                                          w.dmean_predicted.data(), dvar_pred,
+                                          prior.mean.data(), full ? nullptr : prior.cov.data(),
+                                          dweights.data()});
+    if (full && A.kind == transition_kind::diagonal)
+      K::for_each(backend, C,
+                  diagonal_transition_cov_gradient_op<P>{A.weights.data(), G, PG, C,
+                                                         w.dcov_predicted.data(),
+                                                         prior.cov.data(), dweights.data()});
+    if (full && A.kind == transition_kind::dense) {
+      // dA += sum_g D_g (A Sp_g^T) + D_g^T (A Sp_g), every entry of D and Sp independent.
+      const index_t ps = PG == 1 ? 0 : C * Cin;
+      K::for_each(backend, PG * C * Cin,
+                  batched_product<P>{{A.weights.data(), 0, Cin, false},
+                                     {prior.cov.data(), Cin * Cin, Cin, true},
+                                     w.product.data(), PG, PG, C, Cin, Cin, false});
+      K::for_each(backend, PG * C * Cin,
+                  batched_product<P>{{A.weights.data(), 0, Cin, false},
+                                     {prior.cov.data(), Cin * Cin, Cin, false},
+                                     w.product2.data(), PG, PG, C, Cin, Cin, false});
+      K::for_each(backend, C * Cin,
+                  batched_product<P>{{w.dcov_predicted.data(), C * C, C, false},
+                                     {w.product.data(), ps, Cin, false},
+                                     dweights.data(), G, 1, C, Cin, C, true});
+      K::for_each(backend, C * Cin,
+                  batched_product<P>{{w.dcov_predicted.data(), C * C, C, true},
+                                     {w.product2.data(), ps, Cin, false},
+                                     dweights.data(), G, 1, C, Cin, C, true});
+    }
+  }
+  if (dprior.empty()) return;
+  K::for_each(backend, PG * Cin,
+              transition_backward_op<P>{A.kind, A.weights.data(), G, PG, C, Cin,
+                                        w.dmean_predicted.data(), dvar_pred, dprior.mean.data(),
+                                        full ? nullptr : dprior.cov.data()});
+  if (!full) return;
+  if (A.kind != transition_kind::dense) {
+    K::for_each(backend, PG * Cin * Cin,
+                transition_cov_backward_op<P>{
+                    A.kind == transition_kind::diagonal ? A.weights.data() : nullptr, G, PG, C,
+                    w.dcov_predicted.data(), dprior.cov.data()});
+    return;
+  }
+  // d(prior cov) = A^T D A: product = D A (per group), then A^T product (summed when shared).
+  K::for_each(backend, G * C * Cin,
+              batched_product<P>{{w.dcov_predicted.data(), C * C, C, false},
+                                 {A.weights.data(), 0, Cin, false},
+                                 w.product.data(), G, G, C, Cin, C, false});
+  K::for_each(backend, PG * Cin * Cin,
+              batched_product<P>{{A.weights.data(), 0, Cin, true},
+                                 {w.product.data(), C * Cin, Cin, false},
+                                 dprior.cov.data(), G, PG, Cin, Cin, C, false});
+}
+
+}  // namespace detail
+
+/// One layer's backward pass: the complete gradient of docs/math.md.
+///
+/// Reads x (the forward's input), dy, the layer's state written by forward (same options), and
+/// L.state.dposterior, the gradient w.r.t. this layer's posterior written by the next layer's
+/// backward (empty on the last layer: zero). Writes dx, every non-empty span of L.grads
+/// (overwritten, not accumulated), and `dprior`, the gradient w.r.t. `prior` (the previous
+/// layer's posterior: pass its state.dposterior; empty: not wanted). A prior shared by every
+/// group receives the sum over the groups.
+///
+/// dx may be the same view as dy, never x. Same workspace as forward. Throws
+/// bkn::invalid_argument before writing anything on an invalid argument.
+template <class Backend, class T, class P>
+void backward(const Backend& backend, const options& opt, const layer<P>& L,
+              tensor_view<const T> x, tensor_view<const T> dy, tensor_view<T> dx,
+              gaussian_view<const P> prior, gaussian_view<P> dprior,
+              span<std::byte> workspace) {
+  constexpr const char* routine = "bkn::backward";
+  detail::check_options(routine, opt);
+  detail::check_view(routine, "x", x, false);
+  detail::check_view(routine, "dy", dy, false);
+  detail::check_view(routine, "dx", dx, true);
+  detail::check_shape(routine, "dy", dy, x.shape());
+  detail::check_shape(routine, "dx", dx, x.shape());
+  if (x.batch() == 0) return;
+  const index_t group_size = detail::resolve_group_size(routine, opt, x.batch());
+  detail::check_layer_call(routine, opt, L, x, prior, group_size);
+  const index_t C = x.channels(), G = x.batch() / group_size;
+  const bool full = opt.mode == covariance::full;
+  const bool batch_stats = detail::uses_batch_statistics(opt);
+  const bool has_prior = batch_stats && !prior.empty();
+  const parameters<P>& p = L.params;
+  const gradients<P>& d = L.grads;
+  const layer_state<P>& s = L.state;
+  detail::check_optional(routine, "grads.gamma", d.gamma.size(), C, "one per channel");
+  detail::check_optional(routine, "grads.beta", d.beta.size(), C, "one per channel");
+  if (has_prior) {
+    detail::check_optional(routine, "grads.gain_logit", d.gain_logit.size(),
+                           p.gain_logit.size(), "as params.gain_logit");
+    detail::check_optional(routine, "grads.noise", d.noise.size(), p.noise.size(),
+                           "as params.noise");
+    detail::check_optional(routine, "grads.transition", d.transition.size(),
+                           p.transition.weight_count(C), "as params.transition");
+    if (!dprior.empty())
+      detail::check_gaussian(routine, "dprior", dprior, prior.groups, prior.channels, opt.mode);
+  }
+  if (batch_stats && !s.dposterior.empty())
+    detail::check_gaussian(routine, "state.dposterior", s.dposterior, G, C, opt.mode);
+  const index_t Cin = prior.empty() ? C : prior.channels;
+  detail::workspace_arena measure;
+  detail::carve_workspace<Backend, P>(measure, backend, opt, x.shape(), group_size, Cin);
+  detail::check_workspace(routine, workspace, measure.used());
+  detail::workspace_arena arena(workspace);
+  const auto w = detail::carve_workspace<Backend, P>(arena, backend, opt, x.shape(), group_size, Cin);
+
+  using K = kernels<Backend>;
+  const P* gamma = p.gamma.empty() ? nullptr : p.gamma.data();
+  auto or_null = [](span<P> v) { return v.empty() ? nullptr : v.data(); };
+
+  if (!batch_stats) {
+    // The moving averages are constants: dx = gamma / sigma dy, and no gradient reaches the
+    // gain, the transition or the prior.
+    const running_statistics<P>& r = L.running;
+    K::sums(backend, dy, x, span<const P>(r.mean), x.batch(), w.sum_dy, w.sum_dy_centred,
+            w.scratch);
+    K::for_each(backend, C,
+                detail::normalize_coefficients_op<P>{gamma, nullptr, r.mean.data(), r.var.data(),
+                                                     C, 1, opt.epsilon, w.a.data(), w.k.data()});
+    K::for_each(backend, C, detail::fill_op<P>{w.k.data(), P(0)});
+    K::affine(backend, dx, dy, span<const P>(w.a), tensor_view<const T>(), span<const P>(),
+              span<const P>(w.k), x.batch());
+    K::for_each(backend, C,
+                detail::parameter_gradients_op<P>{opt.epsilon, 1, C, 1, r.var.data(),
+                                                  w.sum_dy.data(), w.sum_dy_centred.data(),
+                                                  nullptr, nullptr, nullptr, nullptr,
+                                                  or_null(d.gamma), or_null(d.beta), nullptr,
+                                                  nullptr});
+    return;
+  }
+
+  const double count = double(group_size * x.spatial());
+  const P* gain = has_prior ? p.gain_logit.data() : nullptr;
+  const index_t gain_count = has_prior ? p.gain_logit.size() : 1;
+  // Without a prior q = 1: the predicted state is irrelevant; pass the observed one.
+  const gaussian_view<const P> predicted = has_prior ? gaussian_view<const P>(s.predicted)
+                                                     : gaussian_view<const P>(s.observed);
+  K::sums(backend, dy, x, span<const P>(s.posterior.mean), group_size, w.sum_dy,
+          w.sum_dy_centred, w.scratch);
+  const P* dpost_mean = s.dposterior.empty() ? nullptr : s.dposterior.mean.data();
+  const P* dpost_cov = s.dposterior.empty() ? nullptr : s.dposterior.cov.data();
+
+  if (!full) {
+    K::for_each(backend, G * C,
+                detail::diag_backward_op<P>{
+                    count, opt.epsilon, gain, gamma, gain_count, C, s.observed.mean.data(),
+                    s.observed.cov.data(), predicted.mean.data(), predicted.cov.data(),
+                    s.posterior.mean.data(), s.posterior.cov.data(), w.sum_dy.data(),
+                    w.sum_dy_centred.data(), dpost_mean, dpost_cov, w.a.data(), w.b.data(),
+                    w.k.data(), w.dq.data(), w.dmean_predicted.data(), w.dcov_predicted.data()});
+    K::affine(backend, dx, dy, span<const P>(w.a), x, span<const P>(w.b), span<const P>(w.k),
+              group_size);
+  } else {
+    K::for_each(backend, G * C * C,
+                detail::full_gradient_matrix_op<P>{opt.epsilon, gamma, s.posterior.cov.data(),
+                                                   w.sum_dy_centred.data(), dpost_cov,
+                                                   C, w.matrix.data()});
+    K::for_each(backend, G * C,
+                detail::full_backward_vector_op<P>{
+                    count, opt.epsilon, gain, gamma, C, w.matrix.data(), s.observed.mean.data(),
+                    s.observed.cov.data(), predicted.mean.data(), predicted.cov.data(),
+                    s.posterior.mean.data(), s.posterior.cov.data(), w.sum_dy.data(), dpost_mean,
+                    w.a.data(), w.k.data(), w.dmean.data(), w.dq.data(),
+                    w.dmean_predicted.data()});
+    K::for_each(backend, G * C * C,
+                detail::full_mix_matrix_op<P>{count, gain, C, w.matrix.data(), w.product2.data(),
+                                              w.dcov_predicted.data()});
+    K::mix(backend, dx, dy, span<const P>(w.a), x,
+           span<const P>(w.product2.subspan(0, G * C * C)), span<const P>(w.k), group_size);
+  }
+
+  const bool per_channel_gain = has_prior && gain_count == C && !d.gain_logit.empty() &&
+                                !full && C > 1;
+  K::for_each(backend, C,
+              detail::parameter_gradients_op<P>{
+                  opt.epsilon, G, C, full ? C + 1 : 1, s.posterior.cov.data(), w.sum_dy.data(),
+                  w.sum_dy_centred.data(), w.dq.data(), gain, w.dcov_predicted.data(),
+                  p.noise.empty() ? nullptr : p.noise.data(), or_null(d.gamma), or_null(d.beta),
+                  per_channel_gain ? d.gain_logit.data() : nullptr,
+                  has_prior ? or_null(d.noise) : nullptr});
+  if (!has_prior) return;
+  if (!d.gain_logit.empty() && !per_channel_gain)
+    K::for_each(backend, 1,
+                detail::scalar_gain_gradient_op<P>{w.dq.data(), gain, G * C,
+                                                   d.gain_logit.data()});
+  detail::transition_backward(backend, opt.mode, p.transition, G, C, prior, w, dprior,
+                              d.transition);
+}
+
+BKN_END_NAMESPACE

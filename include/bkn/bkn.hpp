@@ -1,0 +1,22 @@
+// SPDX-License-Identifier: MIT
+// The core of bkn: tensor views, options, the Kalman steps, forward, backward and the chain.
+// Include a backend's header beside it, e.g. <bkn/backends/reference.hpp>.
+#pragma once
+
+#include "bkn/backend.hpp"
+#include "bkn/backward.hpp"
+#include "bkn/chain.hpp"
+#include "bkn/config.hpp"
+#include "bkn/error.hpp"
+#include "bkn/forward.hpp"
+#include "bkn/gaussian.hpp"
+#include "bkn/layer.hpp"
+#include "bkn/math/kalman.hpp"
+#include "bkn/math/welford.hpp"
+#include "bkn/options.hpp"
+#include "bkn/span.hpp"
+#include "bkn/steps.hpp"
+#include "bkn/storage.hpp"
+#include "bkn/tensor.hpp"
+#include "bkn/transition.hpp"
+#include "bkn/workspace.hpp"

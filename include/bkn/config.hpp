@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: MIT
+// Version, the versioned inline namespace, and the few macros every bkn header shares.
+// Nothing here depends on anything but the standard library.
+#pragma once
+
+#include <cstdint>
+
+#define BKN_VERSION_MAJOR 0
+#define BKN_VERSION_MINOR 1
+#define BKN_VERSION_PATCH 0
+
+// Two frameworks that embed different bkn versions link into one process: every symbol lives
+// in bkn::v<major>_<minor>, and `bkn::` still names it.
+#define BKN_BEGIN_NAMESPACE \
+  namespace bkn {           \
+  inline namespace v0_1 {
+#define BKN_END_NAMESPACE \
+  }                       \
+  }
+
+// Per-channel math is compiled for the host and, under nvcc/hipcc, for the device too.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define BKN_HOST_DEVICE __host__ __device__
+#else
+#define BKN_HOST_DEVICE
+#endif
+
+BKN_BEGIN_NAMESPACE
+
+/// Signed 64-bit index for every extent, stride and offset: tensors past 2^31 elements are
+/// addressed correctly, and negative differences never wrap.
+using index_t = std::int64_t;
+
+BKN_END_NAMESPACE

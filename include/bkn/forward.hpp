@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: MIT
+// forward: one normalized layer's forward pass (Algorithm 1: observe, predict, update,
+// normalize, moving averages), and the host-side checks shared with backward.
+#pragma once
+
+#include <cmath>
+
+#include "bkn/steps.hpp"
+
+BKN_BEGIN_NAMESPACE
+namespace detail {
+
+/// Moving averages from the posterior, per channel, averaged over the groups. The variance
+/// takes the observed part with Bessel's correction when asked. A non-finite estimate leaves
+/// the channel's moving averages as they were.
+template <class P>
+struct running_update_op {
+  const P *post_mean, *post_cov, *obs_cov, *gain_logit;
+  index_t gain_count, groups, channels, cov_stride;
+  double momentum, bessel_excess;  // m / (m - 1) - 1, or 0
+  P *mean, *var;
+
+  BKN_HOST_DEVICE void operator()(index_t c) const {
+    using std::isfinite;
+    const double q = gain_at(gain_logit, gain_count, c);
+    double m = 0, v = 0;
+    for (index_t g = 0; g < groups; ++g) {
+      const index_t d = cov_stride == 1 ? g * channels + c : g * channels * channels + c * cov_stride;
+      m += double(post_mean[g * channels + c]);
+      v += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
+    }
+    m /= double(groups);
+    v /= double(groups);
+    if (!isfinite(m) || !isfinite(v)) return;
+    mean[c] = P((1 - momentum) * double(mean[c]) + momentum * m);
+    var[c] = P((1 - momentum) * double(var[c]) + momentum * v);
+  }
+};
+
+/// Writes the moving averages into a posterior (every group), for running-statistics inference.
+template <class P>
+struct broadcast_running_op {
+  const P *mean, *var;
+  index_t channels;
+  bool full;
+  P *post_mean, *post_cov;
+
+  BKN_HOST_DEVICE void operator()(index_t i) const {
+    const index_t c = i % channels;
+    post_mean[i] = mean[c];
+    if (!full) {
+      post_cov[i] = var[c];
+      return;
+    }
+    P* row = post_cov + i * channels;
+    for (index_t j = 0; j < channels; ++j) row[j] = j == c ? var[c] : P(0);
+  }
+};
+
+/// Everything forward and backward check in common, before anything is written.
+template <class T, class P>
+void check_layer_call(const char* routine, const options& opt, const layer<P>& L,
+                      const tensor_view<const T>& x, gaussian_view<const P> prior,
+                      index_t group_size) {
+  const index_t C = x.channels();
+  const index_t G = x.batch() / group_size;
+  const parameters<P>& p = L.params;
+  check_optional(routine, "params.gamma", p.gamma.size(), C, "one per channel");
+  check_optional(routine, "params.beta", p.beta.size(), C, "one per channel");
+  check_optional(routine, "running.mean", L.running.mean.size(), C, "one per channel");
+  check_optional(routine, "running.var", L.running.var.size(), C, "one per channel");
+  require(L.running.mean.empty() == L.running.var.empty(), routine, "running",
+          "mean and var must be given together");
+  if (!uses_batch_statistics(opt)) {
+    require(!L.running.mean.empty(), routine, "running",
+            "inference from running statistics needs running.mean and running.var");
+    if (!L.state.posterior.empty())
+      check_gaussian(routine, "state.posterior", L.state.posterior, G, C, opt.mode);
+    return;
+  }
+  check_gaussian(routine, "state.observed", L.state.observed, G, C, opt.mode);
+  check_gaussian(routine, "state.posterior", L.state.posterior, G, C, opt.mode);
+  if (prior.empty()) {
+    require(x.batch() == 0 || group_size * x.spatial() > 1, routine, "x",
+            "one value per channel and statistics group (group size ", group_size, ", ",
+            x.shape().height, "x", x.shape().width,
+            " pixels): batch statistics carry no information; give the layer a prior (BKN) or "
+            "use larger groups");
+    return;
+  }
+  require(p.gain_logit.size() == 1 ||
+              (p.gain_logit.size() == C && opt.mode == covariance::diagonal),
+          routine, "params.gain_logit",
+          opt.mode == covariance::full ? "expected 1 element (full mode has one gain), got "
+                                       : "expected 1 (per layer) or C (per channel) elements, got ",
+          p.gain_logit.size());
+  check_optional(routine, "params.noise", p.noise.size(), C, "one per channel");
+  check_transition(routine, p.transition, C);
+  const index_t Cin = p.transition.input_channels(C);
+  require(prior.groups == 1 || prior.groups == G, routine, "prior",
+          "expected 1 group (a prior shared by every group) or ", G,
+          " groups (one per statistics group), got ", prior.groups);
+  check_gaussian(routine, "prior", prior, prior.groups, Cin, opt.mode);
+  check_gaussian(routine, "state.predicted", L.state.predicted, G, C, opt.mode);
+}
+
+}  // namespace detail
+
+/// One layer's forward pass on `backend`: y = gamma (x - mu) / sqrt(diag Sigma + eps) + beta.
+///
+/// With batch statistics (training, or inference from the chain) it observes the batch's
+/// statistics per group into L.state.observed, predicts this layer's statistics from `prior`
+/// (the previous layer's posterior, or a caller prior) through the transition into
+/// L.state.predicted, fuses both with gain q into L.state.posterior (Eq. 5), normalizes, and in
+/// training updates the moving averages. Without a prior (empty `prior`) the layer is batch
+/// normalization: q = 1, the posterior is the observed statistics. In inference from running
+/// statistics it normalizes with L.running and writes them into L.state.posterior if given.
+///
+/// `x` and `y` have the same shape; y may be the same view as x. `workspace` holds
+/// workspace_size(backend, opt, x.shape(), C') bytes. Asynchronous on backends with a stream.
+/// Throws bkn::invalid_argument, before writing anything, on an invalid argument. A batch of
+/// N = 0 changes nothing.
+template <class Backend, class T, class P>
+void forward(const Backend& backend, const options& opt, const layer<P>& L,
+             tensor_view<const T> x, tensor_view<T> y, gaussian_view<const P> prior,
+             span<std::byte> workspace) {
+  constexpr const char* routine = "bkn::forward";
+  detail::check_options(routine, opt);
+  detail::check_view(routine, "x", x, false);
+  detail::check_view(routine, "y", y, true);
+  detail::check_shape(routine, "y", y, x.shape());
+  if (x.batch() == 0) return;
+  const index_t group_size = detail::resolve_group_size(routine, opt, x.batch());
+  detail::check_layer_call(routine, opt, L, x, prior, group_size);
+  const index_t Cin = prior.empty() ? x.channels() : prior.channels;
+  detail::workspace_arena measure;
+  detail::carve_workspace<Backend, P>(measure, backend, opt, x.shape(), group_size, Cin);
+  detail::check_workspace(routine, workspace, measure.used());
+  detail::workspace_arena arena(workspace);
+  const auto w = detail::carve_workspace<Backend, P>(arena, backend, opt, x.shape(), group_size, Cin);
+
+  using K = kernels<Backend>;
+  const index_t C = x.channels(), G = x.batch() / group_size;
+  const bool full = opt.mode == covariance::full;
+  const layer_state<P>& s = L.state;
+  const parameters<P>& p = L.params;
+
+  if (!detail::uses_batch_statistics(opt)) {
+    const running_statistics<P>& r = L.running;
+    K::for_each(backend, C,
+                detail::normalize_coefficients_op<P>{
+                    p.gamma.empty() ? nullptr : p.gamma.data(),
+                    p.beta.empty() ? nullptr : p.beta.data(), r.mean.data(), r.var.data(), C, 1,
+                    opt.epsilon, w.a.data(), w.k.data()});
+    K::affine(backend, y, x, span<const P>(w.a), tensor_view<const T>(), span<const P>(),
+              span<const P>(w.k), x.batch());
+    if (!s.posterior.empty())
+      K::for_each(backend, G * C,
+                  detail::broadcast_running_op<P>{r.mean.data(), r.var.data(), C, full,
+                                                  s.posterior.mean.data(),
+                                                  s.posterior.cov.data()});
+    return;
+  }
+
+  detail::observe(backend, x, group_size, opt.mode, s.observed, w);
+  span<const P> gain;
+  if (prior.empty()) {
+    K::for_each(backend, G * C, detail::copy_op<P>{s.observed.mean.data(), s.posterior.mean.data()});
+    K::for_each(backend, s.observed.cov.size(),
+                detail::copy_op<P>{s.observed.cov.data(), s.posterior.cov.data()});
+  } else {
+    gain = p.gain_logit;
+    detail::predict(backend, opt.mode, p.transition, p.noise, prior, s.predicted, w);
+    detail::update(backend, opt.mode, gain, gaussian_view<const P>(s.predicted),
+                   gaussian_view<const P>(s.observed), s.posterior);
+  }
+  detail::normalize(backend, opt.mode, x, y, p.gamma, p.beta, gaussian_view<const P>(s.posterior),
+                    group_size, opt.epsilon, w);
+
+  if (opt.training && !L.running.mean.empty()) {
+    const double m = double(group_size * x.spatial());
+    const double bessel_excess = opt.unbiased_running_variance && m > 1 ? 1.0 / (m - 1) : 0.0;
+    K::for_each(backend, C,
+                detail::running_update_op<P>{s.posterior.mean.data(), s.posterior.cov.data(),
+                                             s.observed.cov.data(),
+                                             gain.empty() ? nullptr : gain.data(), gain.size(),
+                                             G, C, full ? C + 1 : 1, opt.momentum, bessel_excess,
+                                             L.running.mean.data(), L.running.var.data()});
+  }
+}
+
+BKN_END_NAMESPACE

@@ -1,0 +1,118 @@
+// SPDX-License-Identifier: MIT
+// layer_storage: host memory for one layer (std::vector), for programs that let bkn allocate:
+// examples, tests, a CPU host without its own tensors. Hosts with their own buffers skip it.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "bkn/layer.hpp"
+
+BKN_BEGIN_NAMESPACE
+
+/// What a layer_storage allocates.
+struct layer_config {
+  index_t channels = 0;
+  index_t groups = 1;  ///< statistics groups per batch (N / group_size)
+  covariance mode = covariance::diagonal;
+  transition_kind transition = transition_kind::identity;
+  index_t in_channels = 0;  ///< C' of a dense transition (0: C)
+  bool per_channel_gain = false;
+  bool affine = true;
+  bool noise = true;
+  double initial_gain = 0.5;  ///< q at initialization
+  double initial_noise = 0.01;  ///< r at initialization
+};
+
+/// Owns every array of one layer on the host, initialized to gamma = 1, beta = 0, q =
+/// initial_gain, A = I (dense: the identity on the leading min(C, C') diagonal), r =
+/// initial_noise, moving mean 0 and variance 1. view() gives the bkn::layer to pass to forward
+/// and backward; it stays valid while the storage lives and is not resized.
+template <class P>
+class layer_storage {
+ public:
+  explicit layer_storage(const layer_config& cfg) : cfg_(cfg) {
+    const index_t C = cfg.channels, G = cfg.groups;
+    const index_t Cin = cfg.in_channels > 0 ? cfg.in_channels : C;
+    const index_t cov = G * covariance_elements(C, cfg.mode);
+    if (cfg.affine) {
+      gamma.assign(size(C), P(1));
+      beta.assign(size(C), P(0));
+    }
+    gain_logit.assign(size(cfg.per_channel_gain ? C : 1),
+                      P(std::log(cfg.initial_gain / (1 - cfg.initial_gain))));
+    if (cfg.transition == transition_kind::diagonal) transition_weights.assign(size(C), P(1));
+    if (cfg.transition == transition_kind::dense) {
+      transition_weights.assign(size(C * Cin), P(0));
+      for (index_t c = 0; c < C && c < Cin; ++c) transition_weights[size(c * Cin + c)] = P(1);
+    }
+    if (cfg.noise) noise.assign(size(C), P(std::log(std::expm1(cfg.initial_noise))));
+    running_mean.assign(size(C), P(0));
+    running_var.assign(size(C), P(1));
+    for (auto* v : {&dgamma, &dbeta}) v->assign(gamma.size(), P(0));
+    dgain_logit.assign(gain_logit.size(), P(0));
+    dtransition_weights.assign(transition_weights.size(), P(0));
+    dnoise.assign(noise.size(), P(0));
+    for (auto* v : {&observed_mean, &predicted_mean, &posterior_mean, &dposterior_mean})
+      v->assign(size(G * C), P(0));
+    for (auto* v : {&observed_cov, &predicted_cov, &posterior_cov, &dposterior_cov})
+      v->assign(size(cov), P(0));
+  }
+
+  layer<P> view() {
+    const index_t C = cfg_.channels, G = cfg_.groups;
+    layer<P> L;
+    L.params = {gamma, beta, gain_logit, make_transition(), noise};
+    L.grads = {dgamma, dbeta, dgain_logit, dtransition_weights, dnoise};
+    L.running = {running_mean, running_var};
+    L.state.observed = {observed_mean, observed_cov, G, C};
+    L.state.predicted = {predicted_mean, predicted_cov, G, C};
+    L.state.posterior = {posterior_mean, posterior_cov, G, C};
+    L.state.dposterior = {dposterior_mean, dposterior_cov, G, C};
+    return L;
+  }
+
+  const layer_config& config() const noexcept { return cfg_; }
+
+  std::vector<P> gamma, beta, gain_logit, transition_weights, noise;
+  std::vector<P> dgamma, dbeta, dgain_logit, dtransition_weights, dnoise;
+  std::vector<P> running_mean, running_var;
+  std::vector<P> observed_mean, observed_cov, predicted_mean, predicted_cov;
+  std::vector<P> posterior_mean, posterior_cov, dposterior_mean, dposterior_cov;
+
+ private:
+  static std::size_t size(index_t n) { return static_cast<std::size_t>(n); }
+  transition<P> make_transition() const {
+    const span<const P> w(transition_weights.data(), index_t(transition_weights.size()));
+    switch (cfg_.transition) {
+      case transition_kind::diagonal:
+        return transition<P>::diagonal(w);
+      case transition_kind::dense:
+        return transition<P>::dense(w, cfg_.in_channels > 0 ? cfg_.in_channels : cfg_.channels);
+      case transition_kind::identity:
+        break;
+    }
+    return transition<P>::identity();
+  }
+
+  layer_config cfg_;
+};
+
+/// A workspace of `bytes` on the host, aligned for bkn.
+class host_workspace {
+ public:
+  explicit host_workspace(std::size_t bytes)
+      : storage_((bytes + workspace_alignment) / sizeof(block) + 1) {}
+  span<std::byte> bytes() {
+    return {reinterpret_cast<std::byte*>(storage_.data()),
+            index_t(storage_.size() * sizeof(block))};
+  }
+
+ private:
+  struct alignas(workspace_alignment) block {
+    std::byte b[workspace_alignment];
+  };
+  std::vector<block> storage_;
+};
+
+BKN_END_NAMESPACE
