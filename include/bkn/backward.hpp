@@ -358,9 +358,10 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
 /// bkn::invalid_argument before writing anything on an invalid argument.
 template <class Backend, class T, class P>
 void backward(const Backend& backend, const options& opt, const layer<P>& L,
-              tensor_view<const T> x, tensor_view<const T> dy, tensor_view<T> dx,
-              gaussian_view<const P> prior, gaussian_view<P> dprior,
-              span<std::byte> workspace) {
+              tensor_view<const detail::nondeduced<T>> x,
+              tensor_view<const detail::nondeduced<T>> dy, tensor_view<T> dx,
+              gaussian_view<const detail::nondeduced<P>> prior,
+              gaussian_view<detail::nondeduced<P>> dprior, span<std::byte> workspace) {
   constexpr const char* routine = "bkn::backward";
   detail::check_options(routine, opt);
   detail::check_view(routine, "x", x, false);

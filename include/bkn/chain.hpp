@@ -28,11 +28,12 @@ class chain {
 
   /// Layer k's forward; k == 0 starts a new batch.
   template <class T>
-  void forward(index_t k, tensor_view<const T> x, tensor_view<T> y, span<std::byte> workspace) {
+  void forward(index_t k, tensor_view<const detail::nondeduced<T>> x, tensor_view<T> y,
+               span<std::byte> workspace) {
     detail::require(k >= 0 && k < size() && (k == 0 || k == next_forward_), "bkn::chain::forward",
                     "k", "expected layer ", k == 0 ? 0 : next_forward_, " of ", size(),
                     " (forward runs in order from 0), got ", k);
-    bkn::forward(backend_, opt_, layers_[k], x, y, prior(k), workspace);
+    bkn::forward<Backend, T, P>(backend_, opt_, layers_[k], x, y, prior(k), workspace);
     next_forward_ = k + 1;
     next_backward_ = k + 1 == size() ? k : -1;
   }
@@ -40,7 +41,8 @@ class chain {
   /// Layer k's backward, after every forward and after backward(k + 1). The last layer's
   /// dposterior is taken as zero (its posterior feeds nothing).
   template <class T>
-  void backward(index_t k, tensor_view<const T> x, tensor_view<const T> dy, tensor_view<T> dx,
+  void backward(index_t k, tensor_view<const detail::nondeduced<T>> x,
+                tensor_view<const detail::nondeduced<T>> dy, tensor_view<T> dx,
                 span<std::byte> workspace) {
     detail::require(k >= 0 && k == next_backward_, "bkn::chain::backward", "k",
                     next_backward_ < 0 ? "forward has not reached the last layer"
@@ -49,7 +51,7 @@ class chain {
     layer<P> current = layers_[k];
     if (k + 1 == size()) current.state.dposterior = {};
     const gaussian_view<P> dprior = k == 0 ? gaussian_view<P>() : layers_[k - 1].state.dposterior;
-    bkn::backward(backend_, opt_, current, x, dy, dx, prior(k), dprior, workspace);
+    bkn::backward<Backend, T, P>(backend_, opt_, current, x, dy, dx, prior(k), dprior, workspace);
     next_backward_ = k - 1;
   }
 

@@ -31,4 +31,15 @@ BKN_BEGIN_NAMESPACE
 /// addressed correctly, and negative differences never wrap.
 using index_t = std::int64_t;
 
+namespace detail {
+template <class T>
+struct type_identity {
+  using type = T;
+};
+/// Excludes a parameter from template argument deduction, so a view of T converts to a view
+/// of const T where the routine's element type is deduced from its outputs.
+template <class T>
+using nondeduced = typename type_identity<T>::type;
+}  // namespace detail
+
 BKN_END_NAMESPACE

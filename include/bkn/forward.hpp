@@ -122,8 +122,8 @@ void check_layer_call(const char* routine, const options& opt, const layer<P>& L
 /// N = 0 changes nothing.
 template <class Backend, class T, class P>
 void forward(const Backend& backend, const options& opt, const layer<P>& L,
-             tensor_view<const T> x, tensor_view<T> y, gaussian_view<const P> prior,
-             span<std::byte> workspace) {
+             tensor_view<const detail::nondeduced<T>> x, tensor_view<T> y,
+             gaussian_view<const detail::nondeduced<P>> prior, span<std::byte> workspace) {
   constexpr const char* routine = "bkn::forward";
   detail::check_options(routine, opt);
   detail::check_view(routine, "x", x, false);

@@ -3,6 +3,7 @@
 // C++17 has no std::span; this one is trivially copyable so it can be passed to device code.
 #pragma once
 
+#include <cstddef>
 #include <type_traits>
 
 #include "bkn/config.hpp"
@@ -22,6 +23,9 @@ class span {
             class = decltype(static_cast<T*>(std::declval<Container&>().data()))>
   constexpr span(Container& c) noexcept  // NOLINT: implicit like std::span
       : data_(c.data()), size_(static_cast<index_t>(c.size())) {}
+  template <class U, std::size_t N, class = std::enable_if_t<std::is_convertible_v<U (*)[], T (*)[]>>>
+  constexpr span(U (&array)[N]) noexcept  // NOLINT: implicit like std::span
+      : data_(array), size_(index_t(N)) {}
   template <class U, class = std::enable_if_t<std::is_same_v<const U, T>>>
   constexpr span(span<U> other) noexcept  // NOLINT: span<T> -> span<const T>
       : data_(other.data()), size_(other.size()) {}

@@ -8,6 +8,8 @@
 #include "bkn/math/kalman.hpp"
 #include "bkn/tensor.hpp"
 
+#include <type_traits>
+
 BKN_BEGIN_NAMESPACE
 namespace detail {
 
@@ -193,9 +195,10 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
 }
 
 template <class Backend, class P>
-void update(const Backend& backend, covariance mode, span<const P> gain_logit,
-            gaussian_view<const P> predicted, gaussian_view<const P> observed,
-            gaussian_view<P> posterior) {
+void update(const Backend& backend, covariance mode,
+            span<const detail::nondeduced<P>> gain_logit,
+            gaussian_view<const detail::nondeduced<P>> predicted,
+            gaussian_view<const detail::nondeduced<P>> observed, gaussian_view<P> posterior) {
   using K = kernels<Backend>;
   const index_t C = posterior.channels, G = posterior.groups;
   if (mode == covariance::diagonal) {
@@ -253,10 +256,11 @@ layer_workspace<P> carve_checked(const char* routine, const Backend& backend, co
 /// Algorithm 1's first two lines: per statistics group of `group_size` consecutive samples,
 /// the mean xbar and the biased covariance S of x's channels (variances in diagonal mode).
 /// `observed` holds N / group_size groups of C channels. The layer's workspace fits.
-template <class Backend, class T, class P>
-void observe(const Backend& backend, covariance mode, tensor_view<const T> x,
-             index_t group_size, gaussian_view<P> observed, span<std::byte> workspace) {
+template <class Backend, class X, class P>
+void observe(const Backend& backend, covariance mode, tensor_view<X> input, index_t group_size,
+             gaussian_view<P> observed, span<std::byte> workspace) {
   constexpr const char* routine = "bkn::observe";
+  const tensor_view<const std::remove_const_t<X>> x = input;
   detail::check_view(routine, "x", x, false);
   detail::require(group_size > 0 && x.batch() % group_size == 0, routine, "group_size",
                   "expected a positive divisor of the batch size ", x.batch(), ", got ",
@@ -274,7 +278,8 @@ void observe(const Backend& backend, covariance mode, tensor_view<const T> x,
 /// group (shared) or as many as `predicted`. The layer's workspace fits.
 template <class Backend, class P>
 void predict(const Backend& backend, covariance mode, const transition<P>& A,
-             span<const P> noise, gaussian_view<const P> prior, gaussian_view<P> predicted,
+             span<const detail::nondeduced<P>> noise,
+             gaussian_view<const detail::nondeduced<P>> prior, gaussian_view<P> predicted,
              span<std::byte> workspace) {
   constexpr const char* routine = "bkn::predict";
   const index_t C = predicted.channels, G = predicted.groups;
@@ -293,9 +298,10 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
 /// Eq. 5: the posterior p N(predicted) + q N(observed), q = sigmoid(gain_logit) (1 element, or
 /// C per-channel gains in diagonal mode).
 template <class Backend, class P>
-void update(const Backend& backend, covariance mode, span<const P> gain_logit,
-            gaussian_view<const P> predicted, gaussian_view<const P> observed,
-            gaussian_view<P> posterior) {
+void update(const Backend& backend, covariance mode,
+            span<const detail::nondeduced<P>> gain_logit,
+            gaussian_view<const detail::nondeduced<P>> predicted,
+            gaussian_view<const detail::nondeduced<P>> observed, gaussian_view<P> posterior) {
   constexpr const char* routine = "bkn::update";
   const index_t C = posterior.channels, G = posterior.groups;
   detail::require(gain_logit.size() == 1 ||
@@ -310,11 +316,14 @@ void update(const Backend& backend, covariance mode, span<const P> gain_logit,
 
 /// y = gamma (x - mu) / sqrt(diag Sigma + eps) + beta with the estimate of each sample's group
 /// (gamma, beta empty: 1, 0). y may be the same view as x. The layer's workspace fits.
-template <class Backend, class T, class P>
-void normalize(const Backend& backend, covariance mode, tensor_view<const T> x,
-               tensor_view<T> y, span<const P> gamma, span<const P> beta,
-               gaussian_view<const P> estimate, double epsilon, span<std::byte> workspace) {
+template <class Backend, class T, class E>
+void normalize(const Backend& backend, covariance mode, tensor_view<const detail::nondeduced<T>> x,
+               tensor_view<T> y, span<const std::remove_const_t<E>> gamma,
+               span<const std::remove_const_t<E>> beta, gaussian_view<E> estimate_,
+               double epsilon, span<std::byte> workspace) {
   constexpr const char* routine = "bkn::normalize";
+  using P = std::remove_const_t<E>;
+  const gaussian_view<const P> estimate = estimate_;
   detail::check_view(routine, "x", x, false);
   detail::check_view(routine, "y", y, true);
   detail::check_shape(routine, "y", y, x.shape());
