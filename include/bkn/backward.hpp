@@ -381,16 +381,16 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   const layer_state<P>& s = L.state;
   detail::check_optional(routine, "grads.gamma", d.gamma.size(), C, "one per channel");
   detail::check_optional(routine, "grads.beta", d.beta.size(), C, "one per channel");
-  if (has_prior) {
-    detail::check_optional(routine, "grads.gain_logit", d.gain_logit.size(),
-                           p.gain_logit.size(), "as params.gain_logit");
-    detail::check_optional(routine, "grads.noise", d.noise.size(), p.noise.size(),
-                           "as params.noise");
-    detail::check_optional(routine, "grads.transition", d.transition.size(),
-                           p.transition.weight_count(C), "as params.transition");
-    if (!dprior.empty())
-      detail::check_gaussian(routine, "dprior", dprior, prior.groups, prior.channels, opt.mode);
-  }
+  // Gradients that are zero (no prior, or constant moving averages) are still written.
+  detail::check_optional(routine, "grads.gain_logit", d.gain_logit.size(), p.gain_logit.size(),
+                         "as params.gain_logit");
+  detail::check_optional(routine, "grads.noise", d.noise.size(), p.noise.size(),
+                         "as params.noise");
+  if (!d.transition.empty()) detail::check_transition(routine, p.transition, C);
+  detail::check_optional(routine, "grads.transition", d.transition.size(),
+                         p.transition.weight_count(C), "as params.transition");
+  if (!prior.empty() && !dprior.empty())
+    detail::check_gaussian(routine, "dprior", dprior, prior.groups, prior.channels, opt.mode);
   if (batch_stats && !s.dposterior.empty())
     detail::check_gaussian(routine, "state.dposterior", s.dposterior, G, C, opt.mode);
   const index_t Cin = prior.empty() ? C : prior.channels;
@@ -403,6 +403,12 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   using K = kernels<Backend>;
   const P* gamma = p.gamma.empty() ? nullptr : p.gamma.data();
   auto or_null = [](span<P> v) { return v.empty() ? nullptr : v.data(); };
+  if (!has_prior) {
+    for (span<P> zero : {d.gain_logit, d.transition, d.noise,
+                         prior.empty() ? span<P>() : dprior.mean,
+                         prior.empty() ? span<P>() : dprior.cov})
+      if (!zero.empty()) K::for_each(backend, zero.size(), detail::fill_op<P>{zero.data(), P(0)});
+  }
 
   if (!batch_stats) {
     // The moving averages are constants: dx = gamma / sigma dy, and no gradient reaches the

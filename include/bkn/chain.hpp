@@ -44,10 +44,13 @@ class chain {
   void backward(index_t k, tensor_view<const detail::nondeduced<T>> x,
                 tensor_view<const detail::nondeduced<T>> dy, tensor_view<T> dx,
                 span<std::byte> workspace) {
-    detail::require(k >= 0 && k == next_backward_, "bkn::chain::backward", "k",
-                    next_backward_ < 0 ? "forward has not reached the last layer"
-                                       : "backward runs in reverse order; expected layer ",
-                    next_backward_ < 0 ? index_t(size()) : next_backward_, ", got ", k);
+    if (next_backward_ < 0)
+      detail::require(false, "bkn::chain::backward", "k",
+                      "no forward pass through all ", size(),
+                      " layers is waiting for its backward (got layer ", k, ")");
+    detail::require(k == next_backward_, "bkn::chain::backward", "k",
+                    "backward runs in reverse order; expected layer ", next_backward_, ", got ",
+                    k);
     layer<P> current = layers_[k];
     if (k + 1 == size()) current.state.dposterior = {};
     const gaussian_view<P> dprior = k == 0 ? gaussian_view<P>() : layers_[k - 1].state.dposterior;
