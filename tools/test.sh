@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds bkn and runs every test. Usage: ./tools/test.sh   (BKN_BUILD_DIR overrides build/)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+jobs=$(nproc 2>/dev/null || echo 2)
+
+# run_suite <build dir> [extra cmake -D args...]: configure, build and ctest one build tree.
+run_suite() {
+  local dir=$1
+  shift
+  local args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "$@")
+  # The generator can only be chosen when the tree is first configured.
+  if [[ ! -f $dir/CMakeCache.txt ]] && command -v ninja >/dev/null; then
+    args+=(-G Ninja)
+  fi
+  cmake -S . -B "$dir" "${args[@]}"
+  cmake --build "$dir" -j "$jobs"
+  ctest --test-dir "$dir" --output-on-failure -j "$jobs"
+}
+
+./tools/setup-deps.sh
+run_suite "${BKN_BUILD_DIR:-build}"
