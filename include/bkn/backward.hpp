@@ -19,8 +19,8 @@ BKN_HOST_DEVICE inline double at_or_zero(const P* p, index_t i) {
 template <class P>
 struct diag_backward_op {
   double count, epsilon;
-  const P *gain_logit, *gamma;
-  index_t gain_count, channels;
+  const P *gain, *gamma;
+  index_t channels;
   const P *obs_mean, *obs_var, *pred_mean, *pred_var, *post_mean, *post_var;
   const P *sum_dy, *sum_dy_centred, *dpost_mean, *dpost_var;
   P *a, *b, *k, *dq, *dmean_pred, *dvar_pred;
@@ -29,7 +29,7 @@ struct diag_backward_op {
     const index_t c = i % channels;
     math::diag_backward_in<double> in;
     in.count = count;
-    in.q = gain_at(gain_logit, gain_count, c);
+    in.q = gain_at(gain, i);
     in.gamma = gamma ? double(gamma[c]) : 1.0;
     in.epsilon = epsilon;
     in.observed = {double(obs_mean[i]), double(obs_var[i])};
@@ -75,7 +75,7 @@ struct full_gradient_matrix_op {
 template <class P>
 struct full_backward_vector_op {
   double count, epsilon;
-  const P *gain_logit, *gamma;
+  const P *gain, *gamma;
   index_t channels;
   const P *matrix, *obs_mean, *obs_cov, *pred_mean, *pred_cov, *post_mean, *post_cov;
   const P *sum_dy, *dpost_mean;
@@ -84,7 +84,7 @@ struct full_backward_vector_op {
   BKN_HOST_DEVICE void operator()(index_t r) const {
     using std::sqrt;
     const index_t C = channels, g = r / C, i = r % C;
-    const double q = gain_at(gain_logit, 1, 0), p = 1 - q;
+    const double q = gain_at(gain, r), p = 1 - q;
     const double gam = gamma ? double(gamma[i]) : 1.0;
     const double inv_sigma = 1.0 / sqrt(double(post_cov[(g * C + i) * C + i]) + epsilon);
     const double dmean_total = at_or_zero(dpost_mean, r) - gam * double(sum_dy[r]) * inv_sigma;
@@ -112,7 +112,7 @@ struct full_backward_vector_op {
 template <class P>
 struct full_mix_matrix_op {
   double count;
-  const P* gain_logit;
+  const P* gain;
   index_t channels;
   const P* matrix;
   P *mix, *dcov_pred;
@@ -120,7 +120,7 @@ struct full_mix_matrix_op {
   BKN_HOST_DEVICE void operator()(index_t e) const {
     const index_t C = channels;
     const index_t g = e / (C * C), i = (e / C) % C, j = e % C;
-    const double q = gain_at(gain_logit, 1, 0);
+    const double q = gain_at(gain, g * C);
     const double gij = double(matrix[e]), gji = double(matrix[(g * C + j) * C + i]);
     mix[e] = P(q / count * (gij + gji));
     dcov_pred[e] = P((1 - q) * gij);
@@ -132,7 +132,7 @@ template <class P>
 struct parameter_gradients_op {
   double epsilon;
   index_t groups, channels, cov_stride;
-  const P *post_cov, *sum_dy, *sum_dy_centred, *dq, *gain_logit, *dcov_pred, *noise;
+  const P *post_cov, *sum_dy, *sum_dy_centred, *dq, *gain_slope, *dcov_pred, *noise;
   P *dgamma, *dbeta, *dgain, *dnoise;  // null: not wanted
 
   BKN_HOST_DEVICE void operator()(index_t c) const {
@@ -143,15 +143,12 @@ struct parameter_gradients_op {
       const index_t d = cov_stride == 1 ? i : g * channels * channels + c * cov_stride;
       sg += double(sum_dy_centred[i]) / sqrt(double(post_cov[d]) + epsilon);
       sb += double(sum_dy[i]);
-      if (dgain) sq += double(dq[i]);
+      if (dgain) sq += double(dq[i]) * double(gain_slope[i]);
       if (dnoise) sn += double(dcov_pred[d]);
     }
     if (dgamma) dgamma[c] = P(sg);
     if (dbeta) dbeta[c] = P(sb);
-    if (dgain) {
-      const double q = math::sigmoid(double(gain_logit[c]));
-      dgain[c] = P(sq * q * (1 - q));
-    }
+    if (dgain) dgain[c] = P(sq);
     if (dnoise) dnoise[c] = P(sn * math::sigmoid(double(noise[c])));
   }
 };
@@ -159,14 +156,13 @@ struct parameter_gradients_op {
 /// The gradient of a per-layer gain: sum of every (g, c) part, in a fixed order.
 template <class P>
 struct scalar_gain_gradient_op {
-  const P *dq, *gain_logit;
+  const P *dq, *gain_slope;
   index_t count;
   P* dgain;
   BKN_HOST_DEVICE void operator()(index_t) const {
     double s = 0;
-    for (index_t i = 0; i < count; ++i) s += double(dq[i]);
-    const double q = math::sigmoid(double(gain_logit[0]));
-    dgain[0] = P(s * q * (1 - q));
+    for (index_t i = 0; i < count; ++i) s += double(dq[i]) * double(gain_slope[i]);
+    dgain[0] = P(s);
   }
 };
 
@@ -213,12 +209,13 @@ struct transition_gradient_op {
   index_t groups, prior_groups, channels, in_channels;
   const P *dmean_pred, *dvar_pred, *prior_mean, *prior_var;  // *var null in full mode
   P* dweights;
+  bool accumulate;
 
   BKN_HOST_DEVICE void operator()(index_t e) const {
     const bool dense = kind == transition_kind::dense;
     const index_t c = dense ? e / in_channels : e, k = dense ? e % in_channels : e;
     const double a = double(weights[e]);
-    double s = 0;
+    double s = accumulate ? double(dweights[e]) : 0.0;
     for (index_t g = 0; g < groups; ++g) {
       const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
       s += double(dmean_pred[g * channels + c]) * double(prior_mean[base + k]);
@@ -270,35 +267,170 @@ struct diagonal_transition_cov_gradient_op {
   }
 };
 
+/// Weights transition, per (g, k, c): the gradients of border class k's mean and variance,
+/// from mu_pred = sum_k w_k mean_k and v_pred = sum_k w_k (var_k + (mean_k - mu_pred)^2) + r.
 template <class P>
-struct fill_op {
-  P* to;
-  P value;
-  BKN_HOST_DEVICE void operator()(index_t i) const { to[i] = value; }
+struct class_gradient_op {
+  border_classes classes;
+  const P *act_mean, *class_w, *bias, *pred_mean, *dmean_pred, *dvar_pred;
+  index_t prior_groups, channels, in_channels;
+  P *class_dmean, *class_dvar;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t K = classes.count(), C = channels;
+    const index_t g = e / (K * C), k = (e / C) % K, c = e % C, i = g * C + c;
+    const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
+    const double wk = classes.weight(k);
+    const double mk = class_mean(act_mean + base, class_w, bias, k, c, C, in_channels);
+    const double dv = double(dvar_pred[i]);
+    class_dmean[e] = P(wk * (double(dmean_pred[i]) + 2 * dv * (mk - double(pred_mean[i]))));
+    class_dvar[e] = P(wk * dv);
+  }
 };
+
+/// Weights transition, per (prior group g', channel c'): the gradients of the activation's
+/// mean and variance, then through the activation to the prior.
+template <class P>
+struct weights_input_gradient_op {
+  border_classes classes;
+  activation act;
+  moment_function custom;
+  const P *prior_mean, *prior_var, *class_w, *class_w2, *class_dmean, *class_dvar;
+  index_t groups, prior_groups, channels, in_channels;
+  P *dprior_mean, *dprior_var;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t K = classes.count(), C = channels, Cin = in_channels;
+    const index_t gp = e / Cin, j = e % Cin;
+    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
+    double de = 0, dvar = 0;
+    for (index_t g = first; g < last; ++g)
+      for (index_t k = 0; k < K; ++k)
+        for (index_t c = 0; c < C; ++c) {
+          const index_t d = (g * K + k) * C + c, s = (k * C + c) * Cin + j;
+          de += double(class_dmean[d]) * double(class_w[s]);
+          dvar += double(class_dvar[d]) * double(class_w2[s]);
+        }
+    const auto m = activation_of<P>(act, custom, double(prior_mean[e]), double(prior_var[e]));
+    dprior_mean[e] = P(de * m.de_dmu + dvar * m.dvar_dmu);
+    dprior_var[e] = P(de * m.de_dv + dvar * m.dvar_dv);
+  }
+};
+
+/// Weights transition, per weight W[c, c', u, v]: adds sum over the classes whose taps include
+/// (u, v) and the groups of dmean_k E[f] + 2 W dvar_k Var[f] to the host's weight gradient.
+template <class P>
+struct weights_gradient_op {
+  border_classes classes;
+  const P *weights, *act_mean, *act_var, *class_dmean, *class_dvar;
+  index_t groups, prior_groups, channels, in_channels, kernel_height, kernel_width;
+  P* dweights;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t K = classes.count(), C = channels, Cin = in_channels;
+    const index_t taps = kernel_height * kernel_width;
+    const index_t pair = e / taps, t = e % taps;
+    const index_t u = t / kernel_width, v = t % kernel_width, c = pair / Cin, j = pair % Cin;
+    const double w = double(weights[e]);
+    double s = 0;
+    for (index_t k = 0; k < K; ++k) {
+      if (!classes.covers(k, u, v)) continue;
+      for (index_t g = 0; g < groups; ++g) {
+        const index_t base = (prior_groups == 1 ? 0 : g) * Cin, d = (g * K + k) * C + c;
+        s += double(class_dmean[d]) * double(act_mean[base + j]) +
+             2 * w * double(class_dvar[d]) * double(act_var[base + j]);
+      }
+    }
+    dweights[e] = P(double(dweights[e]) + s);
+  }
+};
+
+/// Adds sum over groups and classes of dmean_k to the host's bias gradient, per channel.
+template <class P>
+struct bias_gradient_op {
+  index_t groups, classes, channels;
+  const P* class_dmean;  // [(g * classes + k) * C + c]
+  P* dbias;
+  BKN_HOST_DEVICE void operator()(index_t c) const {
+    double s = 0;
+    for (index_t i = 0; i < groups * classes; ++i) s += double(class_dmean[i * channels + c]);
+    dbias[c] = P(double(dbias[c]) + s);
+  }
+};
+
+/// The backward of a transition through the host's weights (diagonal mode).
+template <class Backend, class P>
+void weights_transition_backward(const Backend& backend, const transition<P>& A, index_t groups,
+                                 index_t channels, gaussian_view<const P> prior,
+                                 const layer_workspace<P>& w, gaussian_view<const P> predicted,
+                                 gaussian_view<P> dprior, span<P> dweights, span<P> dbias) {
+  using K = kernels<Backend>;
+  const index_t G = groups, C = channels, PG = prior.groups, Cin = prior.channels;
+  const border_classes classes = make_border_classes(A.conv);
+  const index_t KC = classes.count();
+  const P* bias = A.bias.empty() ? nullptr : A.bias.data();
+  // The workspace may have served other layers since forward: recompute what it held.
+  K::for_each(backend, PG * Cin,
+              activation_op<P>{A.act, A.moments, prior.mean.data(), prior.cov.data(),
+                               w.act_mean.data(), w.act_var.data()});
+  K::for_each(backend, KC * C * Cin,
+              class_sums_op<P>{classes, A.weights.data(), C, Cin, A.conv.kernel_height,
+                               A.conv.kernel_width, w.class_w.data(), w.class_w2.data()});
+  K::for_each(backend, G * KC * C,
+              class_gradient_op<P>{classes, w.act_mean.data(), w.class_w.data(), bias,
+                                   predicted.mean.data(), w.dmean_predicted.data(),
+                                   w.dcov_predicted.data(), PG, C, Cin, w.class_dmean.data(),
+                                   w.class_dvar.data()});
+  if (!dprior.empty())
+    K::for_each(backend, PG * Cin,
+                weights_input_gradient_op<P>{classes, A.act, A.moments, prior.mean.data(),
+                                             prior.cov.data(), w.class_w.data(),
+                                             w.class_w2.data(), w.class_dmean.data(),
+                                             w.class_dvar.data(), G, PG, C, Cin,
+                                             dprior.mean.data(), dprior.cov.data()});
+  if (!dweights.empty())
+    K::for_each(backend, dweights.size(),
+                weights_gradient_op<P>{classes, A.weights.data(), w.act_mean.data(),
+                                       w.act_var.data(), w.class_dmean.data(),
+                                       w.class_dvar.data(), G, PG, C, Cin, A.conv.kernel_height,
+                                       A.conv.kernel_width, dweights.data()});
+  if (!dbias.empty())
+    K::for_each(backend, C, bias_gradient_op<P>{G, KC, C, w.class_dmean.data(), dbias.data()});
+}
 
 /// The transition's backward: d(prior) and dA from dmu_pred and dSigma_pred (math.md).
 template <class Backend, class P>
 void transition_backward(const Backend& backend, covariance mode, const transition<P>& A,
                          index_t groups, index_t channels, gaussian_view<const P> prior,
-                         const layer_workspace<P>& w, gaussian_view<P> dprior,
-                         span<P> dweights) {
+                         const layer_workspace<P>& w, gaussian_view<const P> predicted,
+                         gaussian_view<P> dprior, span<P> dweights, span<P> dbias) {
   using K = kernels<Backend>;
   const bool full = mode == covariance::full;
+  if (A.kind == transition_kind::weights && !full) {
+    weights_transition_backward(backend, A, groups, channels, prior, w, predicted, dprior,
+                                dweights, dbias);
+    return;
+  }
+  // A linear layer without activation in full mode is a dense A (its gradient accumulates
+  // into the host's) plus a bias.
+  const bool host_weights = A.kind == transition_kind::weights;
+  const transition_kind kind = host_weights ? transition_kind::dense : A.kind;
   const index_t G = groups, C = channels, PG = prior.groups, Cin = prior.channels;
   const P* dvar_pred = full ? nullptr : w.dcov_predicted.data();
-  if (!dweights.empty() && A.kind != transition_kind::identity) {
+  if (host_weights && !dbias.empty())
+    K::for_each(backend, C, bias_gradient_op<P>{G, 1, C, w.dmean_predicted.data(), dbias.data()});
+  if (!dweights.empty() && kind != transition_kind::identity) {
     K::for_each(backend, A.weight_count(C),
-                transition_gradient_op<P>{A.kind, A.weights.data(), G, PG, C, Cin,
+                transition_gradient_op<P>{kind, A.weights.data(), G, PG, C, Cin,
                                           w.dmean_predicted.data(), dvar_pred,
                                           prior.mean.data(), full ? nullptr : prior.cov.data(),
-                                          dweights.data()});
-    if (full && A.kind == transition_kind::diagonal)
+                                          dweights.data(), host_weights});
+    if (full && kind == transition_kind::diagonal)
       K::for_each(backend, C,
                   diagonal_transition_cov_gradient_op<P>{A.weights.data(), G, PG, C,
                                                          w.dcov_predicted.data(),
                                                          prior.cov.data(), dweights.data()});
-    if (full && A.kind == transition_kind::dense) {
+    if (full && kind == transition_kind::dense) {
       // dA += sum_g D_g (A Sp_g^T) + D_g^T (A Sp_g), every entry of D and Sp independent.
       const index_t ps = PG == 1 ? 0 : C * Cin;
       K::for_each(backend, PG * C * Cin,
@@ -321,14 +453,14 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
   }
   if (dprior.empty()) return;
   K::for_each(backend, PG * Cin,
-              transition_backward_op<P>{A.kind, A.weights.data(), G, PG, C, Cin,
+              transition_backward_op<P>{kind, A.weights.data(), G, PG, C, Cin,
                                         w.dmean_predicted.data(), dvar_pred, dprior.mean.data(),
                                         full ? nullptr : dprior.cov.data()});
   if (!full) return;
-  if (A.kind != transition_kind::dense) {
+  if (kind != transition_kind::dense) {
     K::for_each(backend, PG * Cin * Cin,
                 transition_cov_backward_op<P>{
-                    A.kind == transition_kind::diagonal ? A.weights.data() : nullptr, G, PG, C,
+                    kind == transition_kind::diagonal ? A.weights.data() : nullptr, G, PG, C,
                     w.dcov_predicted.data(), dprior.cov.data()});
     return;
   }
@@ -386,25 +518,30 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
                          "as params.gain_logit");
   detail::check_optional(routine, "grads.noise", d.noise.size(), p.noise.size(),
                          "as params.noise");
-  if (!d.transition.empty()) detail::check_transition(routine, p.transition, C);
+  const bool host_weights = p.transition.kind == transition_kind::weights;
+  if (!d.transition.empty() || !d.transition_bias.empty())
+    detail::check_transition(routine, p.transition, C, x.shape().height, x.shape().width);
   detail::check_optional(routine, "grads.transition", d.transition.size(),
                          p.transition.weight_count(C), "as params.transition");
+  detail::require(d.transition_bias.empty() || (host_weights && d.transition_bias.size() == C),
+                  routine, "grads.transition_bias",
+                  host_weights ? "expected C elements or none, got "
+                               : "only a weights transition has a bias; expected none, got ",
+                  d.transition_bias.size());
   if (!prior.empty() && !dprior.empty())
     detail::check_gaussian(routine, "dprior", dprior, prior.groups, prior.channels, opt.mode);
   if (batch_stats && !s.dposterior.empty())
     detail::check_gaussian(routine, "state.dposterior", s.dposterior, G, C, opt.mode);
-  const index_t Cin = prior.empty() ? C : prior.channels;
-  detail::workspace_arena measure;
-  detail::carve_workspace<Backend, P>(measure, backend, opt, x.shape(), group_size, Cin);
-  detail::check_workspace(routine, workspace, measure.used());
-  detail::workspace_arena arena(workspace);
-  const auto w = detail::carve_workspace<Backend, P>(arena, backend, opt, x.shape(), group_size, Cin);
+  const transition<P> A = prior.empty() ? transition<P>() : p.transition;
+  const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size,
+                                                   A, workspace);
 
   using K = kernels<Backend>;
   const P* gamma = p.gamma.empty() ? nullptr : p.gamma.data();
   auto or_null = [](span<P> v) { return v.empty() ? nullptr : v.data(); };
   if (!has_prior) {
-    for (span<P> zero : {d.gain_logit, d.transition, d.noise,
+    // (A host layer's weight and bias gradients accumulate: adding zero leaves them.)
+    for (span<P> zero : {d.gain_logit, host_weights ? span<P>() : d.transition, d.noise,
                          prior.empty() ? span<P>() : dprior.mean,
                          prior.empty() ? span<P>() : dprior.cov})
       if (!zero.empty()) K::for_each(backend, zero.size(), detail::fill_op<P>{zero.data(), P(0)});
@@ -432,11 +569,13 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   }
 
   const double count = double(group_size * x.spatial());
-  const P* gain = has_prior ? p.gain_logit.data() : nullptr;
-  const index_t gain_count = has_prior ? p.gain_logit.size() : 1;
   // Without a prior q = 1: the predicted state is irrelevant; pass the observed one.
   const gaussian_view<const P> predicted = has_prior ? gaussian_view<const P>(s.predicted)
                                                      : gaussian_view<const P>(s.observed);
+  if (has_prior)
+    detail::compute_gains(backend, opt, p.gain_logit, predicted,
+                          gaussian_view<const P>(s.observed), w);
+  const P* gain = has_prior ? w.gain.data() : nullptr;
   K::sums(backend, dy, x, span<const P>(s.posterior.mean), group_size, w.sum_dy,
           w.sum_dy_centred, w.scratch);
   const P* dpost_mean = s.dposterior.empty() ? nullptr : s.dposterior.mean.data();
@@ -445,7 +584,7 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   if (!full) {
     K::for_each(backend, G * C,
                 detail::diag_backward_op<P>{
-                    count, opt.epsilon, gain, gamma, gain_count, C, s.observed.mean.data(),
+                    count, opt.epsilon, gain, gamma, C, s.observed.mean.data(),
                     s.observed.cov.data(), predicted.mean.data(), predicted.cov.data(),
                     s.posterior.mean.data(), s.posterior.cov.data(), w.sum_dy.data(),
                     w.sum_dy_centred.data(), dpost_mean, dpost_cov, w.a.data(), w.b.data(),
@@ -471,22 +610,23 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
            span<const P>(w.product2.subspan(0, G * C * C)), span<const P>(w.k), group_size);
   }
 
-  const bool per_channel_gain = has_prior && gain_count == C && !d.gain_logit.empty() &&
-                                !full && C > 1;
+  const bool per_channel_gain =
+      has_prior && p.gain_logit.size() == C && !d.gain_logit.empty() && !full && C > 1;
   K::for_each(backend, C,
               detail::parameter_gradients_op<P>{
                   opt.epsilon, G, C, full ? C + 1 : 1, s.posterior.cov.data(), w.sum_dy.data(),
-                  w.sum_dy_centred.data(), w.dq.data(), gain, w.dcov_predicted.data(),
+                  w.sum_dy_centred.data(), w.dq.data(), w.gain_slope.data(),
+                  w.dcov_predicted.data(),
                   p.noise.empty() ? nullptr : p.noise.data(), or_null(d.gamma), or_null(d.beta),
                   per_channel_gain ? d.gain_logit.data() : nullptr,
                   has_prior ? or_null(d.noise) : nullptr});
   if (!has_prior) return;
   if (!d.gain_logit.empty() && !per_channel_gain)
     K::for_each(backend, 1,
-                detail::scalar_gain_gradient_op<P>{w.dq.data(), gain, G * C,
+                detail::scalar_gain_gradient_op<P>{w.dq.data(), w.gain_slope.data(), G * C,
                                                    d.gain_logit.data()});
-  detail::transition_backward(backend, opt.mode, p.transition, G, C, prior, w, dprior,
-                              d.transition);
+  detail::transition_backward(backend, opt.mode, p.transition, G, C, prior, w, predicted, dprior,
+                              d.transition, d.transition_bias);
 }
 
 BKN_END_NAMESPACE

@@ -15,17 +15,17 @@ namespace detail {
 /// the channel's moving averages as they were.
 template <class P>
 struct running_update_op {
-  const P *post_mean, *post_cov, *obs_cov, *gain_logit;
-  index_t gain_count, groups, channels, cov_stride;
+  const P *post_mean, *post_cov, *obs_cov, *gain;
+  index_t groups, channels, cov_stride;
   double momentum, bessel_excess;  // m / (m - 1) - 1, or 0
   P *mean, *var;
 
   BKN_HOST_DEVICE void operator()(index_t c) const {
     using std::isfinite;
-    const double q = gain_at(gain_logit, gain_count, c);
     double m = 0, v = 0;
     for (index_t g = 0; g < groups; ++g) {
       const index_t d = cov_stride == 1 ? g * channels + c : g * channels * channels + c * cov_stride;
+      const double q = gain_at(gain, g * channels + c);
       m += double(post_mean[g * channels + c]);
       v += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
     }
@@ -88,14 +88,10 @@ void check_layer_call(const char* routine, const options& opt, const layer<P>& L
             "use larger groups");
     return;
   }
-  require(p.gain_logit.size() == 1 ||
-              (p.gain_logit.size() == C && opt.mode == covariance::diagonal),
-          routine, "params.gain_logit",
-          opt.mode == covariance::full ? "expected 1 element (full mode has one gain), got "
-                                       : "expected 1 (per layer) or C (per channel) elements, got ",
-          p.gain_logit.size());
+  check_gain(routine, opt, p.gain_logit.size(), C);
   check_optional(routine, "params.noise", p.noise.size(), C, "one per channel");
-  check_transition(routine, p.transition, C);
+  check_transition(routine, p.transition, C, x.shape().height, x.shape().width);
+  check_weight_transition_mode(routine, opt, p.transition);
   const index_t Cin = p.transition.input_channels(C);
   require(prior.groups == 1 || prior.groups == G, routine, "prior",
           "expected 1 group (a prior shared by every group) or ", G,
@@ -132,12 +128,9 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
   if (x.batch() == 0) return;
   const index_t group_size = detail::resolve_group_size(routine, opt, x.batch());
   detail::check_layer_call(routine, opt, L, x, prior, group_size);
-  const index_t Cin = prior.empty() ? x.channels() : prior.channels;
-  detail::workspace_arena measure;
-  detail::carve_workspace<Backend, P>(measure, backend, opt, x.shape(), group_size, Cin);
-  detail::check_workspace(routine, workspace, measure.used());
-  detail::workspace_arena arena(workspace);
-  const auto w = detail::carve_workspace<Backend, P>(arena, backend, opt, x.shape(), group_size, Cin);
+  const transition<P> A = prior.empty() ? transition<P>() : L.params.transition;
+  const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size,
+                                                   A, workspace);
 
   using K = kernels<Backend>;
   const index_t C = x.channels(), G = x.batch() / group_size;
@@ -162,15 +155,17 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
     return;
   }
 
-  detail::observe(backend, x, group_size, opt.mode, s.observed, w);
-  span<const P> gain;
+  detail::observe(backend, opt.mode, x, group_size, s.observed, w);
+  const P* gain = nullptr;  // q = 1 without a prior
   if (prior.empty()) {
     K::for_each(backend, G * C, detail::copy_op<P>{s.observed.mean.data(), s.posterior.mean.data()});
     K::for_each(backend, s.observed.cov.size(),
                 detail::copy_op<P>{s.observed.cov.data(), s.posterior.cov.data()});
   } else {
-    gain = p.gain_logit;
     detail::predict(backend, opt.mode, p.transition, p.noise, prior, s.predicted, w);
+    detail::compute_gains(backend, opt, p.gain_logit, gaussian_view<const P>(s.predicted),
+                          gaussian_view<const P>(s.observed), w);
+    gain = w.gain.data();
     detail::update(backend, opt.mode, gain, gaussian_view<const P>(s.predicted),
                    gaussian_view<const P>(s.observed), s.posterior);
   }
@@ -182,9 +177,8 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
     const double bessel_excess = opt.unbiased_running_variance && m > 1 ? 1.0 / (m - 1) : 0.0;
     K::for_each(backend, C,
                 detail::running_update_op<P>{s.posterior.mean.data(), s.posterior.cov.data(),
-                                             s.observed.cov.data(),
-                                             gain.empty() ? nullptr : gain.data(), gain.size(),
-                                             G, C, full ? C + 1 : 1, opt.momentum, bessel_excess,
+                                             s.observed.cov.data(), gain, G, C,
+                                             full ? C + 1 : 1, opt.momentum, bessel_excess,
                                              L.running.mean.data(), L.running.var.data()});
   }
 }

@@ -27,7 +27,10 @@ struct parameters {
 /// An empty span is not computed.
 template <class P>
 struct gradients {
-  span<P> gamma, beta, gain_logit, transition, noise;
+  span<P> gamma, beta, gain_logit, noise;
+  /// A dense or diagonal A's gradient is written; the host layer's weights and bias (a weights
+  /// transition) get it added to their own gradient.
+  span<P> transition, transition_bias;
 };
 
 /// Moving averages used at inference (C each), updated by a training forward. May be empty in
@@ -72,17 +75,25 @@ struct layer_workspace {
   span<P> dmean_predicted, dcov_predicted;
   span<P> dmean;                        // G*C total gradient of the posterior mean
   span<P> matrix, product, product2;    // full mode: G*C*C and G*C*max(C,C') temporaries
+  span<P> gain, gain_slope;             // G*C effective gains and dq/dtheta
+  span<P> skip;                         // G flags of the fusion skip rule
+  span<P> act_mean, act_var;            // G*C' moments of the activation (weights transition)
+  span<P> class_w, class_w2;            // K*C*C' tap sums per border class
+  span<P> class_dmean, class_dvar;      // G*K*C gradients of the class moments
   span<std::byte> scratch;              // the backend's own
 };
 
-template <class Backend, class P>
+template <class Backend, class P, class Q>
 layer_workspace<P> carve_workspace(workspace_arena& arena, const Backend& backend,
                                    const options& opt, const tensor_shape& x,
-                                   index_t group_size, index_t in_channels) {
+                                   index_t group_size, const transition<Q>& A) {
   const index_t C = x.channels;
   const index_t G = group_size > 0 ? x.batch / group_size : 0;
   const bool full = opt.mode == covariance::full;
+  const index_t in_channels = A.input_channels(C) > 0 ? A.input_channels(C) : C;
   const index_t wide = C > in_channels ? C : in_channels;
+  const bool through_weights = A.kind == transition_kind::weights && !full;
+  const index_t K = through_weights ? make_border_classes(A.conv).count() : 0;
   layer_workspace<P> w;
   w.var = arena.take<P>(full ? G * C : 0);
   w.a = arena.take<P>(G * C);
@@ -97,23 +108,52 @@ layer_workspace<P> carve_workspace(workspace_arena& arena, const Backend& backen
   w.matrix = arena.take<P>(full ? G * C * C : 0);
   w.product = arena.take<P>(full ? G * C * wide : 0);
   w.product2 = arena.take<P>(full ? G * C * wide : 0);
+  w.gain = arena.take<P>(G * C);
+  w.gain_slope = arena.take<P>(G * C);
+  w.skip = arena.take<P>(G);
+  w.act_mean = arena.take<P>(through_weights ? G * in_channels : 0);
+  w.act_var = arena.take<P>(through_weights ? G * in_channels : 0);
+  w.class_w = arena.take<P>(K * C * in_channels);
+  w.class_w2 = arena.take<P>(K * C * in_channels);
+  w.class_dmean = arena.take<P>(G * K * C);
+  w.class_dvar = arena.take<P>(G * K * C);
   w.scratch = arena.take_bytes(kernels<Backend>::scratch_bytes(backend, x, group_size, opt.mode));
   return w;
 }
 
+/// Full-covariance mode pushes a Gaussian through a linear map exactly; through an activation
+/// or a convolution's positions it would need moments bkn does not compute.
+template <class P>
+void check_weight_transition_mode(const char* routine, const options& opt,
+                                  const transition<P>& A) {
+  require(opt.mode == covariance::diagonal || A.kind != transition_kind::weights ||
+              A.is_affine_linear(),
+          routine, "params.transition",
+          "full-covariance mode supports a weights transition only for a linear layer without "
+          "activation (activation::none, no convolution)");
+}
+
 }  // namespace detail
 
-/// Bytes of workspace every routine of a layer needs for inputs of shape `x` whose previous
-/// layer has `in_channels` channels (C' of a dense transition; C otherwise). The workspace
-/// must start at a multiple of `workspace_alignment`; its contents need no initialization.
+/// Bytes of workspace every routine of a layer with transition `A` needs for inputs of shape
+/// `x` (the same for forward, backward and each step). The workspace must start at a multiple
+/// of `workspace_alignment`; its contents need no initialization.
+template <class Backend, class P>
+std::size_t workspace_size(const Backend& backend, const options& opt, const tensor_shape& x,
+                           const transition<P>& A) {
+  const index_t group_size = detail::resolve_group_size("bkn::workspace_size", opt, x.batch);
+  detail::workspace_arena arena;
+  detail::carve_workspace<Backend, double>(arena, backend, opt, x, group_size, A);
+  return arena.used();
+}
+
+/// The same for an identity, diagonal or dense transition from `in_channels` channels (C' of a
+/// dense transition; 0: C).
 template <class Backend>
 std::size_t workspace_size(const Backend& backend, const options& opt, const tensor_shape& x,
                            index_t in_channels = 0) {
-  const index_t group_size = detail::resolve_group_size("bkn::workspace_size", opt, x.batch);
-  detail::workspace_arena arena;
-  detail::carve_workspace<Backend, double>(arena, backend, opt, x, group_size,
-                                           in_channels > 0 ? in_channels : x.channels);
-  return arena.used();
+  return workspace_size(backend, opt, x,
+                        transition<double>::dense({}, in_channels > 0 ? in_channels : x.channels));
 }
 
 BKN_END_NAMESPACE

@@ -35,6 +35,15 @@ struct options {
   /// The moving variance takes the observed variance with Bessel's correction m / (m - 1), as
   /// PyTorch does; normalization always uses the biased estimate.
   bool unbiased_running_variance = true;
+
+  // For reproducing the authors' reference code; off by default (docs/math.md, erratum 8).
+  /// In [0, 1]: q is this constant (the authors' code used 0.1) and gets no gradient;
+  /// negative: q = sigmoid(gain_logit), learned.
+  double fixed_gain = -1;
+  /// > 0: a group keeps its batch statistics (q = 1, no fusion) when
+  /// mean_c(v_pred / (s + epsilon)) >= skip_threshold (the authors' code: 100, without the
+  /// epsilon, so a constant channel divided by zero). 0: off.
+  double skip_threshold = 0;
 };
 
 namespace detail {
@@ -51,6 +60,22 @@ inline void check_options(const char* routine, const options& opt) {
           "expected a value in [0, 1], got ", opt.momentum);
   require(opt.group_size >= 0, routine, "options.group_size",
           "expected >= 0 (0: the whole batch), got ", opt.group_size);
+  require(opt.fixed_gain <= 1, routine, "options.fixed_gain",
+          "expected a gain in [0, 1], or negative for a learned gain, got ", opt.fixed_gain);
+  require(opt.skip_threshold >= 0, routine, "options.skip_threshold",
+          "expected >= 0 (0: off), got ", opt.skip_threshold);
+}
+
+/// A learned gain has 1 logit (per layer) or C (per channel, diagonal mode); a fixed gain
+/// needs none.
+inline void check_gain(const char* routine, const options& opt, index_t count, index_t channels) {
+  if (opt.fixed_gain >= 0 && count == 0) return;
+  require(count == 1 || (count == channels && opt.mode == covariance::diagonal), routine,
+          "params.gain_logit",
+          opt.mode == covariance::full
+              ? "expected 1 element (full mode has one gain per layer), got "
+              : "expected 1 (per layer) or C (per channel) elements, got ",
+          count);
 }
 
 /// The number of samples per group for a batch of `batch` samples.

@@ -3,12 +3,12 @@
 // statistics), predict (Eq. 3 through the transition), update (Eq. 5) and normalize.
 #pragma once
 
+#include <type_traits>
+
 #include "bkn/detail/small_matrix.hpp"
 #include "bkn/layer.hpp"
 #include "bkn/math/kalman.hpp"
 #include "bkn/tensor.hpp"
-
-#include <type_traits>
 
 BKN_BEGIN_NAMESPACE
 namespace detail {
@@ -22,21 +22,25 @@ struct copy_op {
   BKN_HOST_DEVICE void operator()(index_t i) const { to[i] = from[i]; }
 };
 
-/// diag[g * C + c] = full[(g * C + c) * C + c].
 template <class P>
-struct diagonal_op {
-  const P* full;
-  P* diag;
-  index_t channels;
-  BKN_HOST_DEVICE void operator()(index_t i) const { diag[i] = full[i * channels + i % channels]; }
+struct fill_op {
+  P* to;
+  P value;
+  BKN_HOST_DEVICE void operator()(index_t i) const { to[i] = value; }
 };
 
-/// The predicted mean (and, in diagonal mode, variance) of (g, c): Eq. 3 through A.
+/// The effective gain q of (g, c), or 1 without one.
+template <class P>
+BKN_HOST_DEVICE inline double gain_at(const P* gain, index_t i) {
+  return gain ? double(gain[i]) : 1.0;
+}
+
+/// The predicted mean (and, in diagonal mode, variance) of (g, c): Eq. 3 through A, for the
+/// identity, diagonal and dense transitions (and an affine linear one, with its bias).
 template <class P>
 struct predict_op {
   transition_kind kind;
-  const P* weights;
-  const P* noise;  // null: R = 0
+  const P *weights, *bias, *noise;  // bias, noise: null when absent
   const P* prior_mean;
   const P* prior_var;  // diagonal mode; null in full mode
   index_t prior_groups, channels, in_channels;
@@ -58,13 +62,13 @@ struct predict_op {
       m = a * double(prior_mean[base + c]);
       if (var) v = a * a * double(prior_var[base + c]);
     }
-    mean[i] = P(m);
+    mean[i] = P(m + (bias ? double(bias[c]) : 0.0));
     if (var) var[i] = P(v + (noise ? math::softplus(double(noise[c])) : 0.0));
   }
 };
 
 /// Full mode, Sigma_pred = A Sigma_prev A^T + R for the identity and diagonal transitions
-/// (the dense one goes through batched_product).
+/// (the dense one arrives here with A Sigma_prev A^T already in cov).
 template <class P>
 struct predict_cov_op {
   transition_kind kind;
@@ -72,7 +76,7 @@ struct predict_cov_op {
   const P* noise;
   const P* prior_cov;
   index_t prior_groups, channels;
-  P* cov;  // already holds A Sigma_prev A^T for dense
+  P* cov;
 
   BKN_HOST_DEVICE void operator()(index_t e) const {
     const index_t C = channels;
@@ -89,21 +93,151 @@ struct predict_cov_op {
   }
 };
 
+/// The moments of the activation f(z), z ~ N(prior mean, prior var), per (prior group, c').
 template <class P>
-BKN_HOST_DEVICE inline double gain_at(const P* gain_logit, index_t gain_count, index_t c) {
-  return gain_logit ? math::sigmoid(double(gain_logit[gain_count == 1 ? 0 : c])) : 1.0;
+BKN_HOST_DEVICE inline math::activation_moments activation_of(activation act,
+                                                              moment_function custom,
+                                                              double mean, double var) {
+  switch (act) {
+    case activation::relu: return math::relu_moments(mean, var);
+    case activation::custom: return custom(mean, var);
+    case activation::none: break;
+  }
+  return math::identity_moments(mean, var);
 }
+
+template <class P>
+struct activation_op {
+  activation act;
+  moment_function custom;
+  const P *prior_mean, *prior_var;
+  P *mean, *var;
+  BKN_HOST_DEVICE void operator()(index_t i) const {
+    const auto m = activation_of<P>(act, custom, double(prior_mean[i]), double(prior_var[i]));
+    mean[i] = P(m.e);
+    var[i] = P(m.var);
+  }
+};
+
+/// Per border class k and (c, c'): the sums of W and of W^2 over the taps valid in k.
+template <class P>
+struct class_sums_op {
+  border_classes classes;
+  const P* weights;
+  index_t channels, in_channels, kernel_height, kernel_width;
+  P *sum_w, *sum_w2;  // [k][c][c']
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t pairs = channels * in_channels;
+    const index_t k = e / pairs, pair = e % pairs;
+    const P* w = weights + pair * kernel_height * kernel_width;
+    double s = 0, s2 = 0;
+    for (index_t u = 0; u < kernel_height; ++u)
+      for (index_t v = 0; v < kernel_width; ++v)
+        if (classes.covers(k, u, v)) {
+          const double x = double(w[u * kernel_width + v]);
+          s += x;
+          s2 += x * x;
+        }
+    sum_w[e] = P(s);
+    sum_w2[e] = P(s2);
+  }
+};
+
+/// The mean of border class k for (g, c): sum_c' E[f(z_c')] S_k[c, c'] + b_c.
+template <class P>
+BKN_HOST_DEVICE inline double class_mean(const P* act_mean, const P* sum_w, const P* bias,
+                                         index_t k, index_t c, index_t channels,
+                                         index_t in_channels) {
+  const P* s = sum_w + (k * channels + c) * in_channels;
+  double m = bias ? double(bias[c]) : 0.0;
+  for (index_t j = 0; j < in_channels; ++j) m += double(act_mean[j]) * double(s[j]);
+  return m;
+}
+
+/// Diagonal mode through the host's weights, per (g, c): the pooled mean and variance over
+/// the border classes (docs/math.md, "Transitions through the host layer").
+template <class P>
+struct weights_predict_op {
+  border_classes classes;
+  const P *act_mean, *act_var, *sum_w, *sum_w2, *bias, *noise;
+  index_t prior_groups, channels, in_channels;
+  P *mean, *var;
+
+  BKN_HOST_DEVICE void operator()(index_t i) const {
+    const index_t g = i / channels, c = i % channels;
+    const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
+    const index_t K = classes.count();
+    double mu = 0;
+    for (index_t k = 0; k < K; ++k)
+      mu += classes.weight(k) *
+            class_mean(act_mean + base, sum_w, bias, k, c, channels, in_channels);
+    double v = 0;
+    for (index_t k = 0; k < K; ++k) {
+      const P* q = sum_w2 + (k * channels + c) * in_channels;
+      double within = 0;
+      for (index_t j = 0; j < in_channels; ++j) within += double(act_var[base + j]) * double(q[j]);
+      const double d = class_mean(act_mean + base, sum_w, bias, k, c, channels, in_channels) - mu;
+      v += classes.weight(k) * (within + d * d);
+    }
+    mean[i] = P(mu);
+    var[i] = P(v + (noise ? math::softplus(double(noise[c])) : 0.0));
+  }
+};
+
+/// The authors' fusion skip rule, per group: 1 when mean_c(v_pred / (s + eps)) >= threshold.
+template <class P>
+struct skip_rule_op {
+  const P *pred_cov, *obs_cov;
+  index_t channels, cov_stride;  // 1 (diagonal) or C + 1 (the diagonal of C x C)
+  double threshold, epsilon;
+  P* skip;
+
+  BKN_HOST_DEVICE void operator()(index_t g) const {
+    const index_t first = cov_stride == 1 ? g * channels : g * channels * channels;
+    double ratio = 0;
+    for (index_t c = 0; c < channels; ++c) {
+      const index_t d = first + c * cov_stride;
+      ratio += double(pred_cov[d]) / (double(obs_cov[d]) + epsilon);
+    }
+    skip[g] = P(ratio / double(channels) >= threshold ? 1 : 0);
+  }
+};
+
+/// The effective gain of (g, c) and dq/dtheta: learned (sigmoid of the logit), fixed, or 1 in a
+/// group whose fusion is skipped. Fixed and skipped gains get no gradient.
+template <class P>
+struct gain_op {
+  const P* gain_logit;
+  index_t gain_count, channels;
+  double fixed;    // < 0: learned
+  const P* skip;   // per group; null: the rule is off
+  P *gain, *slope;
+
+  BKN_HOST_DEVICE void operator()(index_t i) const {
+    if (skip && skip[i / channels] != P(0)) {
+      gain[i] = P(1);
+      slope[i] = P(0);
+    } else if (fixed >= 0) {
+      gain[i] = P(fixed);
+      slope[i] = P(0);
+    } else {
+      const double q = math::sigmoid(double(gain_logit[gain_count == 1 ? 0 : i % channels]));
+      gain[i] = P(q);
+      slope[i] = P(q * (1 - q));
+    }
+  }
+};
 
 /// Eq. 5 for (g, c): the mean, and in diagonal mode (var != null) the variance.
 template <class P>
 struct update_op {
-  const P* gain_logit;
-  index_t gain_count, channels;
+  const P* gain;
   const P *pred_mean, *pred_var, *obs_mean, *obs_var;
   P *mean, *var;
 
   BKN_HOST_DEVICE void operator()(index_t i) const {
-    const double q = gain_at(gain_logit, gain_count, i % channels);
+    const double q = gain_at(gain, i);
     const double pv = var ? double(pred_var[i]) : 0.0, ov = var ? double(obs_var[i]) : 0.0;
     const auto post =
         math::kalman_update<double>({double(pred_mean[i]), pv}, {double(obs_mean[i]), ov}, q);
@@ -115,7 +249,7 @@ struct update_op {
 /// Full-mode Eq. 5 for element (g, i, j): p Sigma_pred + q S + p q d d^T.
 template <class P>
 struct update_cov_op {
-  const P* gain_logit;
+  const P* gain;
   index_t channels;
   const P *pred_mean, *pred_cov, *obs_mean, *obs_cov;
   P* cov;
@@ -123,7 +257,7 @@ struct update_cov_op {
   BKN_HOST_DEVICE void operator()(index_t e) const {
     const index_t C = channels;
     const index_t g = e / (C * C), i = (e / C) % C, j = e % C;
-    const double q = gain_at(gain_logit, 1, 0), p = 1 - q;
+    const double q = gain_at(gain, g * C), p = 1 - q;
     const double di = double(obs_mean[g * C + i]) - double(pred_mean[g * C + i]);
     const double dj = double(obs_mean[g * C + j]) - double(pred_mean[g * C + j]);
     cov[e] = P(p * double(pred_cov[e]) + q * double(obs_cov[e]) + p * q * di * dj);
@@ -152,8 +286,8 @@ struct normalize_coefficients_op {
 // ---- the steps, unchecked: the public routines and forward() validate first ----
 
 template <class Backend, class T, class P>
-void observe(const Backend& backend, tensor_view<const T> x, index_t group_size,
-             covariance mode, gaussian_view<P> observed, const layer_workspace<P>& w) {
+void observe(const Backend& backend, covariance mode, tensor_view<const T> x, index_t group_size,
+             gaussian_view<P> observed, const layer_workspace<P>& w) {
   using K = kernels<Backend>;
   if (mode == covariance::diagonal) {
     K::moments(backend, x, group_size, observed.mean, observed.cov, w.scratch);
@@ -169,50 +303,79 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
              const layer_workspace<P>& w) {
   using K = kernels<Backend>;
   const index_t C = predicted.channels, G = predicted.groups, Cin = prior.channels;
+  const index_t PG = prior.groups;
   const P* noise_data = noise.empty() ? nullptr : noise.data();
+  const P* bias = A.bias.empty() ? nullptr : A.bias.data();
   const bool full = mode == covariance::full;
+  if (A.kind == transition_kind::weights && !full) {
+    const border_classes classes = make_border_classes(A.conv);
+    K::for_each(backend, PG * Cin,
+                activation_op<P>{A.act, A.moments, prior.mean.data(), prior.cov.data(),
+                                 w.act_mean.data(), w.act_var.data()});
+    K::for_each(backend, classes.count() * C * Cin,
+                class_sums_op<P>{classes, A.weights.data(), C, Cin, A.conv.kernel_height,
+                                 A.conv.kernel_width, w.class_w.data(), w.class_w2.data()});
+    K::for_each(backend, G * C,
+                weights_predict_op<P>{classes, w.act_mean.data(), w.act_var.data(),
+                                      w.class_w.data(), w.class_w2.data(), bias, noise_data, PG,
+                                      C, Cin, predicted.mean.data(), predicted.cov.data()});
+    return;
+  }
+  // An affine linear transition (full mode) is a dense A plus its bias.
+  const transition_kind kind = A.kind == transition_kind::weights ? transition_kind::dense : A.kind;
   K::for_each(backend, G * C,
-              predict_op<P>{A.kind, A.weights.data(), noise_data, prior.mean.data(),
-                            full ? nullptr : prior.cov.data(), prior.groups, C, Cin,
+              predict_op<P>{kind, A.weights.data(), bias, noise_data, prior.mean.data(),
+                            full ? nullptr : prior.cov.data(), PG, C, Cin,
                             predicted.mean.data(), full ? nullptr : predicted.cov.data()});
   if (!full) return;
-  if (A.kind == transition_kind::dense) {
+  if (kind == transition_kind::dense) {
     // product = A Sigma_prev (C x C' per prior group), then cov = product A^T.
-    const index_t PG = prior.groups;
     K::for_each(backend, PG * C * Cin,
                 batched_product<P>{{A.weights.data(), 0, Cin, false},
                                    {prior.cov.data(), Cin * Cin, Cin, false},
                                    w.product.data(), PG, PG, C, Cin, Cin, false});
-    const index_t product_stride = PG == 1 ? 0 : C * Cin;
     K::for_each(backend, G * C * C,
-                batched_product<P>{{w.product.data(), product_stride, Cin, false},
+                batched_product<P>{{w.product.data(), PG == 1 ? 0 : C * Cin, Cin, false},
                                    {A.weights.data(), 0, Cin, true},
                                    predicted.cov.data(), G, G, C, C, Cin, false});
   }
   K::for_each(backend, G * C * C,
-              predict_cov_op<P>{A.kind, A.weights.data(), noise_data, prior.cov.data(),
-                                prior.groups, C, predicted.cov.data()});
+              predict_cov_op<P>{kind, A.weights.data(), noise_data, prior.cov.data(), PG, C,
+                                predicted.cov.data()});
+}
+
+/// The effective gains of every (g, c) into w.gain and w.gain_slope.
+template <class Backend, class P>
+void compute_gains(const Backend& backend, const options& opt, span<const P> gain_logit,
+                   gaussian_view<const P> predicted, gaussian_view<const P> observed,
+                   const layer_workspace<P>& w) {
+  using K = kernels<Backend>;
+  const index_t C = observed.channels, G = observed.groups;
+  const bool skip = opt.skip_threshold > 0;
+  if (skip)
+    K::for_each(backend, G,
+                skip_rule_op<P>{predicted.cov.data(), observed.cov.data(), C,
+                                opt.mode == covariance::full ? C + 1 : 1, opt.skip_threshold,
+                                opt.epsilon, w.skip.data()});
+  K::for_each(backend, G * C,
+              gain_op<P>{gain_logit.data(), gain_logit.size(), C, opt.fixed_gain,
+                         skip ? w.skip.data() : nullptr, w.gain.data(), w.gain_slope.data()});
 }
 
 template <class Backend, class P>
-void update(const Backend& backend, covariance mode,
-            span<const detail::nondeduced<P>> gain_logit,
-            gaussian_view<const detail::nondeduced<P>> predicted,
-            gaussian_view<const detail::nondeduced<P>> observed, gaussian_view<P> posterior) {
+void update(const Backend& backend, covariance mode, const P* gain,
+            gaussian_view<const P> predicted, gaussian_view<const P> observed,
+            gaussian_view<P> posterior) {
   using K = kernels<Backend>;
   const index_t C = posterior.channels, G = posterior.groups;
-  if (mode == covariance::diagonal) {
-    K::for_each(backend, G * C,
-                update_op<P>{gain_logit.data(), gain_logit.size(), C, predicted.mean.data(),
-                             predicted.cov.data(), observed.mean.data(), observed.cov.data(),
-                             posterior.mean.data(), posterior.cov.data()});
-    return;
-  }
+  const bool full = mode == covariance::full;
   K::for_each(backend, G * C,
-              update_op<P>{gain_logit.data(), 1, C, predicted.mean.data(), nullptr,
-                           observed.mean.data(), nullptr, posterior.mean.data(), nullptr});
+              update_op<P>{gain, predicted.mean.data(), full ? nullptr : predicted.cov.data(),
+                           observed.mean.data(), full ? nullptr : observed.cov.data(),
+                           posterior.mean.data(), full ? nullptr : posterior.cov.data()});
+  if (!full) return;
   K::for_each(backend, G * C * C,
-              update_cov_op<P>{gain_logit.data(), C, predicted.mean.data(), predicted.cov.data(),
+              update_cov_op<P>{gain, C, predicted.mean.data(), predicted.cov.data(),
                                observed.mean.data(), observed.cov.data(), posterior.cov.data()});
 }
 
@@ -233,113 +396,113 @@ void normalize(const Backend& backend, covariance mode, tensor_view<const T> x,
             span<const P>(w.k), group_size);
 }
 
-}  // namespace detail
-BKN_END_NAMESPACE
-
-BKN_BEGIN_NAMESPACE
-
-namespace detail {
 template <class Backend, class P>
-layer_workspace<P> carve_checked(const char* routine, const Backend& backend, covariance mode,
+layer_workspace<P> carve_checked(const char* routine, const Backend& backend, const options& opt,
                                  const tensor_shape& shape, index_t group_size,
-                                 index_t in_channels, span<std::byte> workspace) {
-  options opt;
-  opt.mode = mode;
+                                 const transition<P>& A, span<std::byte> workspace) {
   workspace_arena measure;
-  carve_workspace<Backend, P>(measure, backend, opt, shape, group_size, in_channels);
+  carve_workspace<Backend, P>(measure, backend, opt, shape, group_size, A);
   check_workspace(routine, workspace, measure.used());
   workspace_arena arena(workspace);
-  return carve_workspace<Backend, P>(arena, backend, opt, shape, group_size, in_channels);
+  return carve_workspace<Backend, P>(arena, backend, opt, shape, group_size, A);
 }
+
 }  // namespace detail
 
-/// Algorithm 1's first two lines: per statistics group of `group_size` consecutive samples,
-/// the mean xbar and the biased covariance S of x's channels (variances in diagonal mode).
-/// `observed` holds N / group_size groups of C channels. The layer's workspace fits.
+/// Algorithm 1's first two lines: per statistics group of opt.group_size consecutive samples
+/// (0: the whole batch), the mean xbar and the biased covariance S of x's channels (variances in
+/// diagonal mode). `observed` holds N / group_size groups of C channels.
 template <class Backend, class X, class P>
-void observe(const Backend& backend, covariance mode, tensor_view<X> input, index_t group_size,
+void observe(const Backend& backend, const options& opt, tensor_view<X> input,
              gaussian_view<P> observed, span<std::byte> workspace) {
   constexpr const char* routine = "bkn::observe";
   const tensor_view<const std::remove_const_t<X>> x = input;
+  detail::check_options(routine, opt);
   detail::check_view(routine, "x", x, false);
-  detail::require(group_size > 0 && x.batch() % group_size == 0, routine, "group_size",
-                  "expected a positive divisor of the batch size ", x.batch(), ", got ",
-                  group_size);
+  if (x.batch() == 0) return;
+  const index_t group_size = detail::resolve_group_size(routine, opt, x.batch());
   detail::check_gaussian(routine, "observed", observed, x.batch() / group_size, x.channels(),
-                         mode);
-  if (x.empty()) return;
-  const auto w = detail::carve_checked<Backend, P>(routine, backend, mode, x.shape(), group_size,
-                                                   x.channels(), workspace);
-  detail::observe(backend, x, group_size, mode, observed, w);
+                         opt.mode);
+  const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size,
+                                                   transition<P>(), workspace);
+  detail::observe(backend, opt.mode, x, group_size, observed, w);
 }
 
 /// Eq. 3: mu_pred = A mu_prev and Sigma_pred = A Sigma_prev A^T + R (diagonal mode:
-/// v_pred = (A o A) v_prev + r), R = diag(softplus(noise)) (empty noise: R = 0). `prior` has 1
-/// group (shared) or as many as `predicted`. The layer's workspace fits.
+/// v_pred = (A o A) v_prev + r), R = diag(softplus(noise)) (empty noise: R = 0); through the
+/// host's weights, the moments of its activation and layer (docs/math.md). `prior` has 1 group
+/// (shared) or as many as `predicted`; `height` x `width` is this layer's spatial size (for a
+/// convolution transition).
 template <class Backend, class P>
-void predict(const Backend& backend, covariance mode, const transition<P>& A,
+void predict(const Backend& backend, const options& opt, const transition<P>& A,
              span<const detail::nondeduced<P>> noise,
              gaussian_view<const detail::nondeduced<P>> prior, gaussian_view<P> predicted,
-             span<std::byte> workspace) {
+             span<std::byte> workspace, index_t height = 1, index_t width = 1) {
   constexpr const char* routine = "bkn::predict";
   const index_t C = predicted.channels, G = predicted.groups;
-  detail::check_transition(routine, A, C);
+  detail::check_options(routine, opt);
+  detail::check_transition(routine, A, C, height, width);
+  detail::check_weight_transition_mode(routine, opt, A);
   detail::check_optional(routine, "noise", noise.size(), C, "one per channel");
-  detail::check_gaussian(routine, "predicted", predicted, G, C, mode);
+  detail::check_gaussian(routine, "predicted", predicted, G, C, opt.mode);
   detail::require(prior.groups == 1 || prior.groups == G, routine, "prior", "expected 1 or ", G,
                   " groups, got ", prior.groups);
-  detail::check_gaussian(routine, "prior", prior, prior.groups, A.input_channels(C), mode);
+  detail::check_gaussian(routine, "prior", prior, prior.groups, A.input_channels(C), opt.mode);
   if (G == 0) return;
-  const auto w = detail::carve_checked<Backend, P>(routine, backend, mode, {G, C, 1, 1}, 1,
-                                                   A.input_channels(C), workspace);
-  detail::predict(backend, mode, A, noise, prior, predicted, w);
+  const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, {G, C, height, width},
+                                                   1, A, workspace);
+  detail::predict(backend, opt.mode, A, noise, prior, predicted, w);
 }
 
-/// Eq. 5: the posterior p N(predicted) + q N(observed), q = sigmoid(gain_logit) (1 element, or
-/// C per-channel gains in diagonal mode).
+/// Eq. 5: the posterior p N(predicted) + q N(observed) with q = sigmoid(gain_logit) (1 element,
+/// or C per-channel gains in diagonal mode), or opt.fixed_gain, and the fusion skipped
+/// (q = 1) in groups where opt.skip_threshold says so.
 template <class Backend, class P>
-void update(const Backend& backend, covariance mode,
+void update(const Backend& backend, const options& opt,
             span<const detail::nondeduced<P>> gain_logit,
             gaussian_view<const detail::nondeduced<P>> predicted,
-            gaussian_view<const detail::nondeduced<P>> observed, gaussian_view<P> posterior) {
+            gaussian_view<const detail::nondeduced<P>> observed, gaussian_view<P> posterior,
+            span<std::byte> workspace) {
   constexpr const char* routine = "bkn::update";
   const index_t C = posterior.channels, G = posterior.groups;
-  detail::require(gain_logit.size() == 1 ||
-                      (gain_logit.size() == C && mode == covariance::diagonal),
-                  routine, "gain_logit", "expected 1 or (diagonal mode) ", C,
-                  " elements, got ", gain_logit.size());
-  detail::check_gaussian(routine, "predicted", predicted, G, C, mode);
-  detail::check_gaussian(routine, "observed", observed, G, C, mode);
-  detail::check_gaussian(routine, "posterior", posterior, G, C, mode);
-  detail::update(backend, mode, gain_logit, predicted, observed, posterior);
+  detail::check_options(routine, opt);
+  detail::check_gain(routine, opt, gain_logit.size(), C);
+  detail::check_gaussian(routine, "predicted", predicted, G, C, opt.mode);
+  detail::check_gaussian(routine, "observed", observed, G, C, opt.mode);
+  detail::check_gaussian(routine, "posterior", posterior, G, C, opt.mode);
+  if (G == 0) return;
+  const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, {G, C, 1, 1}, 1,
+                                                   transition<P>(), workspace);
+  detail::compute_gains(backend, opt, gain_logit, predicted, observed, w);
+  detail::update(backend, opt.mode, w.gain.data(), predicted, observed, posterior);
 }
 
-/// y = gamma (x - mu) / sqrt(diag Sigma + eps) + beta with the estimate of each sample's group
-/// (gamma, beta empty: 1, 0). y may be the same view as x. The layer's workspace fits.
+/// y = gamma (x - mu) / sqrt(var + eps) + beta with the estimate of each sample's group
+/// (gamma, beta empty: 1, 0; var: the diagonal in full mode). y may be the same view as x.
 template <class Backend, class T, class E>
-void normalize(const Backend& backend, covariance mode, tensor_view<const detail::nondeduced<T>> x,
-               tensor_view<T> y, span<const std::remove_const_t<E>> gamma,
-               span<const std::remove_const_t<E>> beta, gaussian_view<E> estimate_,
-               double epsilon, span<std::byte> workspace) {
+void normalize(const Backend& backend, const options& opt,
+               tensor_view<const detail::nondeduced<T>> x, tensor_view<T> y,
+               span<const std::remove_const_t<E>> gamma, span<const std::remove_const_t<E>> beta,
+               gaussian_view<E> estimate_, span<std::byte> workspace) {
   constexpr const char* routine = "bkn::normalize";
   using P = std::remove_const_t<E>;
   const gaussian_view<const P> estimate = estimate_;
+  detail::check_options(routine, opt);
   detail::check_view(routine, "x", x, false);
   detail::check_view(routine, "y", y, true);
   detail::check_shape(routine, "y", y, x.shape());
   const index_t C = x.channels();
   detail::check_optional(routine, "gamma", gamma.size(), C, "one per channel");
   detail::check_optional(routine, "beta", beta.size(), C, "one per channel");
-  detail::require(epsilon > 0, routine, "epsilon", "expected > 0, got ", epsilon);
   if (x.empty()) return;
   detail::require(estimate.groups > 0 && x.batch() % estimate.groups == 0, routine, "estimate",
                   "expected a number of groups dividing the batch size ", x.batch(), ", got ",
                   estimate.groups);
-  detail::check_gaussian(routine, "estimate", estimate, estimate.groups, C, mode);
+  detail::check_gaussian(routine, "estimate", estimate, estimate.groups, C, opt.mode);
   const index_t group_size = x.batch() / estimate.groups;
-  const auto w = detail::carve_checked<Backend, P>(routine, backend, mode, x.shape(), group_size,
-                                                   C, workspace);
-  detail::normalize(backend, mode, x, y, gamma, beta, estimate, group_size, epsilon, w);
+  const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size,
+                                                   transition<P>(), workspace);
+  detail::normalize(backend, opt.mode, x, y, gamma, beta, estimate, group_size, opt.epsilon, w);
 }
 
 BKN_END_NAMESPACE

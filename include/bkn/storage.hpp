@@ -16,7 +16,12 @@ struct layer_config {
   index_t groups = 1;  ///< statistics groups per batch (N / group_size)
   covariance mode = covariance::diagonal;
   transition_kind transition = transition_kind::identity;
-  index_t in_channels = 0;  ///< C' of a dense transition (0: C)
+  index_t in_channels = 0;  ///< C' of a dense or weights transition (0: C)
+  /// A weights transition: the host layer's geometry (all ones: linear) and activation. The
+  /// weights are C x C' x kh x kw, initialized like the dense identity on the centre tap.
+  conv2d_geometry conv{};
+  activation act = activation::relu;
+  bool transition_bias = true;
   bool per_channel_gain = false;
   bool affine = true;
   bool noise = true;
@@ -42,9 +47,17 @@ class layer_storage {
     gain_logit.assign(size(cfg.per_channel_gain ? C : 1),
                       P(std::log(cfg.initial_gain / (1 - cfg.initial_gain))));
     if (cfg.transition == transition_kind::diagonal) transition_weights.assign(size(C), P(1));
-    if (cfg.transition == transition_kind::dense) {
-      transition_weights.assign(size(C * Cin), P(0));
-      for (index_t c = 0; c < C && c < Cin; ++c) transition_weights[size(c * Cin + c)] = P(1);
+    if (cfg.transition == transition_kind::dense || cfg.transition == transition_kind::weights) {
+      const index_t taps = cfg.transition == transition_kind::weights ? cfg.conv.taps() : 1;
+      const index_t centre = cfg.transition == transition_kind::weights
+                                 ? cfg.conv.kernel_height / 2 * cfg.conv.kernel_width +
+                                       cfg.conv.kernel_width / 2
+                                 : 0;
+      transition_weights.assign(size(C * Cin * taps), P(0));
+      for (index_t c = 0; c < C && c < Cin; ++c)
+        transition_weights[size((c * Cin + c) * taps + centre)] = P(1);
+      if (cfg.transition == transition_kind::weights && cfg.transition_bias)
+        transition_bias.assign(size(C), P(0));
     }
     if (cfg.noise) noise.assign(size(C), P(std::log(std::expm1(cfg.initial_noise))));
     running_mean.assign(size(C), P(0));
@@ -52,6 +65,7 @@ class layer_storage {
     for (auto* v : {&dgamma, &dbeta}) v->assign(gamma.size(), P(0));
     dgain_logit.assign(gain_logit.size(), P(0));
     dtransition_weights.assign(transition_weights.size(), P(0));
+    dtransition_bias.assign(transition_bias.size(), P(0));
     dnoise.assign(noise.size(), P(0));
     for (auto* v : {&observed_mean, &predicted_mean, &posterior_mean, &dposterior_mean})
       v->assign(size(G * C), P(0));
@@ -63,7 +77,7 @@ class layer_storage {
     const index_t C = cfg_.channels, G = cfg_.groups;
     layer<P> L;
     L.params = {gamma, beta, gain_logit, make_transition(), noise};
-    L.grads = {dgamma, dbeta, dgain_logit, dtransition_weights, dnoise};
+    L.grads = {dgamma, dbeta, dgain_logit, dnoise, dtransition_weights, dtransition_bias};
     L.running = {running_mean, running_var};
     L.state.observed = {observed_mean, observed_cov, G, C};
     L.state.predicted = {predicted_mean, predicted_cov, G, C};
@@ -74,21 +88,26 @@ class layer_storage {
 
   const layer_config& config() const noexcept { return cfg_; }
 
-  std::vector<P> gamma, beta, gain_logit, transition_weights, noise;
-  std::vector<P> dgamma, dbeta, dgain_logit, dtransition_weights, dnoise;
+  std::vector<P> gamma, beta, gain_logit, transition_weights, transition_bias, noise;
+  std::vector<P> dgamma, dbeta, dgain_logit, dtransition_weights, dtransition_bias, dnoise;
   std::vector<P> running_mean, running_var;
   std::vector<P> observed_mean, observed_cov, predicted_mean, predicted_cov;
   std::vector<P> posterior_mean, posterior_cov, dposterior_mean, dposterior_cov;
 
  private:
   static std::size_t size(index_t n) { return static_cast<std::size_t>(n); }
+  index_t in_channels() const { return cfg_.in_channels > 0 ? cfg_.in_channels : cfg_.channels; }
   transition<P> make_transition() const {
     const span<const P> w(transition_weights.data(), index_t(transition_weights.size()));
     switch (cfg_.transition) {
       case transition_kind::diagonal:
         return transition<P>::diagonal(w);
       case transition_kind::dense:
-        return transition<P>::dense(w, cfg_.in_channels > 0 ? cfg_.in_channels : cfg_.channels);
+        return transition<P>::dense(w, in_channels());
+      case transition_kind::weights:
+        return transition<P>::conv2d(
+            w, span<const P>(transition_bias.data(), index_t(transition_bias.size())),
+            in_channels(), cfg_.conv, cfg_.act);
       case transition_kind::identity:
         break;
     }

@@ -220,10 +220,11 @@ void randomize_parameters(random_source& rng, bkn::layer_storage<P>& s) {
   rng.fill(s.noise, 0, 1);
   const auto& cfg = s.config();
   if (cfg.transition == transition_kind::diagonal) rng.fill(s.transition_weights, 0.8, 0.3);
-  if (cfg.transition == transition_kind::dense) {
+  if (cfg.transition == transition_kind::dense || cfg.transition == transition_kind::weights) {
     const index_t Cin = cfg.in_channels > 0 ? cfg.in_channels : cfg.channels;
     rng.fill(s.transition_weights, 0, 1.0 / std::sqrt(double(Cin)));
   }
+  rng.fill(s.transition_bias, 0, 0.5);
 }
 
 // ---- One layer ------------------------------------------------------------------------------
@@ -241,10 +242,18 @@ struct layer_case {
   prior_kind prior = prior_kind::per_group;
   bool affine = true;  // gamma and beta
   bool noise = true;
+  // A weights transition: the host layer's geometry (this layer's H x W is its output) and
+  // activation; the authors' variant options.
+  bkn::conv2d_geometry conv{};
+  bkn::activation act = bkn::activation::relu;
+  double fixed_gain = -1;
+  double skip_threshold = 0;
 
   index_t groups() const { return group_size == 0 ? 1 : shape.batch / group_size; }
   index_t prior_channels() const {
-    return transition == transition_kind::dense ? in_channels : shape.channels;
+    return transition == transition_kind::dense || transition == transition_kind::weights
+               ? in_channels
+               : shape.channels;
   }
   index_t prior_groups() const { return prior == prior_kind::shared ? 1 : groups(); }
 };
@@ -261,7 +270,17 @@ std::string describe(const layer_case& c) {
       case transition_kind::dense:
         s << "dense A " << c.shape.channels << "x" << c.in_channels;
         break;
+      case transition_kind::weights:
+        s << (c.act == bkn::activation::relu ? "relu" : "identity") << " then "
+          << (c.conv.taps() == 1 && c.conv.in_height == 1 ? "linear " : "conv ")
+          << c.shape.channels << "x" << c.in_channels << "x" << c.conv.kernel_height << "x"
+          << c.conv.kernel_width << " on " << c.conv.in_height << "x" << c.conv.in_width
+          << " stride " << c.conv.stride_height << "x" << c.conv.stride_width << " pad "
+          << c.conv.pad_height << "x" << c.conv.pad_width;
+        break;
     }
+    if (c.fixed_gain >= 0) s << ", fixed q = " << c.fixed_gain;
+    if (c.skip_threshold > 0) s << ", skip rule at " << c.skip_threshold;
     s << ", " << (c.per_channel_gain ? "per-channel" : "scalar") << " gain, "
       << (c.prior == prior_kind::shared ? "shared prior" : "per-group prior");
   }
@@ -285,7 +304,8 @@ class layer_problem {
         y_(c.lay, c.shape),
         dy_(c.lay, c.shape),
         dx_(c.lay, c.shape),
-        workspace_(bkn::workspace_size(backend_, options(c), c.shape, c.prior_channels())) {
+        workspace_(bkn::workspace_size(backend_, options(c), c.shape,
+                                       storage_.view().params.transition)) {
     // The prior is drawn last: the same case without a prior gets the same everything else.
     random_source rng(seed);
     randomize_parameters(rng, storage_);
@@ -308,6 +328,8 @@ class layer_problem {
     bkn::options opt;
     opt.mode = c.mode;
     opt.group_size = c.group_size;
+    opt.fixed_gain = c.fixed_gain;
+    opt.skip_threshold = c.skip_threshold;
     return opt;
   }
 
@@ -353,6 +375,8 @@ class layer_problem {
     cfg.per_channel_gain = c.per_channel_gain;
     cfg.affine = c.affine;
     cfg.noise = c.noise;
+    cfg.conv = c.conv;
+    cfg.act = c.act;
     return cfg;
   }
 
@@ -373,6 +397,7 @@ void check_layer(const layer_case& c) {
   auto& st = s.storage();
   const std::vector<P> dx = s.dx().values(), dgamma = st.dgamma, dbeta = st.dbeta,
                        dgain = st.dgain_logit, dA = st.dtransition_weights, dnoise = st.dnoise,
+                       dbias = st.dtransition_bias,
                        dprior_mean = s.dprior_mean, dprior_cov = s.dprior_cov;
   CHECK(s.dx().gaps_untouched());
   CHECK(s.y().gaps_untouched());
@@ -386,12 +411,18 @@ void check_layer(const layer_case& c) {
     CHECK(st.dgamma.empty());
   }
   if (c.prior == prior_kind::none) return;
-  check_gradient(c.per_channel_gain ? "dgain_logit (per channel)" : "dgain_logit (scalar)",
-                 pointers(st.gain_logit), dgain, loss);
+  if (c.fixed_gain < 0)
+    check_gradient(c.per_channel_gain ? "dgain_logit (per channel)" : "dgain_logit (scalar)",
+                   pointers(st.gain_logit), dgain, loss);
+  else
+    CHECK(std::all_of(dgain.begin(), dgain.end(), [](P v) { return v == 0; }));
   if (c.transition != transition_kind::identity)
-    check_gradient(c.transition == transition_kind::dense ? "dtransition (dense)"
-                                                          : "dtransition (diagonal)",
+    check_gradient(c.transition == transition_kind::dense      ? "dtransition (dense)"
+                   : c.transition == transition_kind::weights ? "dW (host layer)"
+                                                              : "dtransition (diagonal)",
                    pointers(st.transition_weights), dA, loss);
+  if (!st.transition_bias.empty())
+    check_gradient("db (host layer)", pointers(st.transition_bias), dbias, loss);
   if (c.noise) check_gradient("dnoise", pointers(st.noise), dnoise, loss);
   check_gradient("d(prior mean)", pointers(s.prior_mean), dprior_mean, loss);
   check_gradient("d(prior cov)", pointers(s.prior_cov), dprior_cov, loss);
@@ -807,3 +838,110 @@ TEST_CASE("gradients through a 3-layer chain: NCHW, diagonal and identity transi
 }
 
 }  // namespace
+
+// ---- Transitions through the host layer's weights (issue #3) --------------------------------
+
+TEST_CASE("gradients of one layer through a linear host layer, with and without ReLU") {
+  for (bkn::activation act : {bkn::activation::relu, bkn::activation::none})
+    for (prior_kind prior : {prior_kind::per_group, prior_kind::shared}) {
+      layer_case c;
+      c.transition = transition_kind::weights;
+      c.in_channels = 5;
+      c.act = act;
+      c.prior = prior;
+      c.lay = layout::nc;
+      c.shape = {6, 3, 1, 1};
+      check_layer(c);
+    }
+}
+
+TEST_CASE("gradients of one layer through a conv host layer: strides, padding, borders") {
+  struct geometry_case {
+    bkn::conv2d_geometry conv;
+    layout lay;
+  };
+  const geometry_case geometries[] = {
+      {{5, 4, 3, 2, 2, 1, 1, 0}, layout::nchw},  // 5x4 -> 3x3, uneven borders
+      {{4, 4, 3, 3, 1, 1, 1, 1}, layout::nhwc},  // 'same' 3x3: 9 border classes
+      {{6, 5, 2, 2, 2, 2, 0, 0}, layout::strided},  // no padding: one class
+  };
+  for (const auto& g : geometries)
+    for (bkn::activation act : {bkn::activation::relu, bkn::activation::none}) {
+      layer_case c;
+      c.transition = transition_kind::weights;
+      c.in_channels = 2;
+      c.conv = g.conv;
+      c.act = act;
+      c.lay = g.lay;
+      c.shape = {4, 3, g.conv.out_height(), g.conv.out_width()};
+      c.per_channel_gain = act == bkn::activation::relu;
+      c.prior = act == bkn::activation::relu ? prior_kind::per_group : prior_kind::shared;
+      check_layer(c);
+    }
+}
+
+TEST_CASE("gradients of one layer through a linear host layer in full-covariance mode") {
+  layer_case c;
+  c.mode = covariance::full;
+  c.transition = transition_kind::weights;
+  c.in_channels = 4;
+  c.act = bkn::activation::none;
+  c.lay = layout::nc;
+  c.shape = {6, 3, 1, 1};
+  check_layer(c);
+}
+
+TEST_CASE("the authors' variant: a fixed gain gets no gradient, the rest stays exact") {
+  for (covariance mode : kModes) {
+    layer_case c;
+    c.mode = mode;
+    c.transition = transition_kind::dense;
+    c.in_channels = 4;
+    c.fixed_gain = 0.1;
+    check_layer(c);
+  }
+}
+
+TEST_CASE("the authors' variant: the skip rule keeps the batch statistics of skipped groups") {
+  // A prior far wider than the batch makes every group skip: the layer is then exactly batch
+  // normalization, whatever the gain.
+  layer_case c;
+  c.transition = transition_kind::identity;
+  c.skip_threshold = 1.5;
+  layer_problem wide(c);
+  for (auto& v : wide.prior_cov) v = 100;
+  wide.loss();
+  layer_case bn = c;
+  bn.prior = prior_kind::none;
+  bn.skip_threshold = 0;
+  layer_problem plain(bn);
+  plain.loss();
+  CHECK(wide.y().values() == plain.y().values());
+  // A threshold between the two groups' ratios mean_c(v_pred / (s + eps)) skips exactly one;
+  // away from the switch the gradient is exact.
+  layer_case probe = c;
+  probe.skip_threshold = 0;
+  layer_problem measured(probe);
+  measured.loss();
+  const auto& st = measured.storage();
+  double ratio[2] = {0, 0};
+  for (index_t g = 0; g < 2; ++g)
+    for (index_t ch = 0; ch < 3; ++ch)
+      ratio[g] += st.predicted_cov[std::size_t(g * 3 + ch)] /
+                  (st.observed_cov[std::size_t(g * 3 + ch)] + 1e-5) / 3;
+  REQUIRE(std::abs(ratio[0] - ratio[1]) > 0.1);
+  c.skip_threshold = (ratio[0] + ratio[1]) / 2;
+  layer_problem split(c);
+  split.loss();
+  const auto& sp = split.storage();
+  int skipped = 0;
+  for (index_t g = 0; g < 2; ++g) {
+    bool same = true;
+    for (index_t ch = 0; ch < 3; ++ch)
+      same = same && sp.posterior_mean[std::size_t(g * 3 + ch)] ==
+                         sp.observed_mean[std::size_t(g * 3 + ch)];
+    skipped += same;
+  }
+  CHECK(skipped == 1);
+  check_layer(c);
+}
