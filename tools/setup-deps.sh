@@ -9,6 +9,7 @@ packages=(
   libeigen3-dev    # eigen backend
   doctest-dev      # tests
   libbenchmark-dev # bench/
+  gnuplot-nox      # plots of the examples
 )
 
 if ! command -v dpkg-query >/dev/null; then
