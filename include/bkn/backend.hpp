@@ -37,16 +37,19 @@ inline constexpr bool always_false = false;
 ///                    span<P> sum_dy_centred, span<std::byte> scratch);
 ///       per (g, c): sum dy and sum dy * (x - centre[g * C + c]).
 ///   static void affine(const B&, tensor_view<T> out, tensor_view<const T> u, span<const P> a,
-///                      tensor_view<const T> v, span<const P> b, span<const P> k,
-///                      index_t group_size);
-///       out = a[g, c] * u + b[g, c] * v + k[g, c] elementwise, g = n / group_size; `v` and `b`
-///       may be empty (the term is dropped). `out` may be the same view as `u` or `v`.
+///                      span<const P> centre, tensor_view<const T> v, span<const P> b,
+///                      span<const P> k, index_t group_size);
+///       out = a[g, c] * (u - centre[g, c]) + b[g, c] * v + k[g, c] elementwise,
+///       g = n / group_size; `v` and `b` may be empty (the term is dropped). u - centre is
+///       formed first, in the wider of T and P: it is exact for nearby values, so outputs keep
+///       their precision when |mean| >> sigma. `out` may be the same view as `u` or `v`.
 ///   static void mix(const B&, tensor_view<T> out, tensor_view<const T> u, span<const P> a,
-///                   tensor_view<const T> v, span<const P> matrix, span<const P> k,
-///                   index_t group_size);
-///       per sample and pixel, on the channel vectors: out = a[g] .* u + M[g] v + k[g], with
-///       M[g] the C x C row-major matrix at matrix[g * C * C] (the full-covariance backward).
-///       `out` may be the same view as `u`; it must not overlap `v`.
+///                   tensor_view<const T> v, span<const P> matrix, span<const P> centre,
+///                   span<const P> k, index_t group_size);
+///       per sample and pixel, on the channel vectors:
+///       out = a[g] .* u + M[g] (v - centre[g]) + k[g], with M[g] the C x C row-major matrix at
+///       matrix[g * C * C] (the full-covariance backward). `out` may be the same view as `u`;
+///       it must not overlap `v`.
 ///   template <class F> static void for_each(const B&, index_t count, F f);
 ///       calls f(i) for every i in [0, count) where the backend's memory lives (f is a
 ///       BKN_HOST_DEVICE functor writing disjoint outputs): the per-channel math.

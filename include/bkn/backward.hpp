@@ -90,18 +90,17 @@ struct full_backward_vector_op {
     const double dmean_total = at_or_zero(dpost_mean, r) - gam * double(sum_dy[r]) * inv_sigma;
     const P* G = matrix + g * C * C;
     const double d_i = double(obs_mean[r]) - double(pred_mean[r]);
-    double gs_d = 0, gs_mu = 0, dq_row = dmean_total * d_i;
+    double gs_d = 0, dq_row = dmean_total * d_i;
     for (index_t j = 0; j < C; ++j) {
       const double gs = double(G[i * C + j]) + double(G[j * C + i]);
       const double d_j = double(obs_mean[g * C + j]) - double(pred_mean[g * C + j]);
       gs_d += gs * d_j;
-      gs_mu += gs * double(post_mean[g * C + j]);
       const index_t e = (g * C + i) * C + j;
       dq_row += double(G[i * C + j]) *
                 (double(obs_cov[e]) - double(pred_cov[e]) + (1 - 2 * q) * d_i * d_j);
     }
     a[r] = P(gam * inv_sigma);
-    k[r] = P(q / count * (dmean_total - gs_mu));
+    k[r] = P(q / count * dmean_total);  // with dx's matrix applied to x - mu
     dmean[r] = P(dmean_total);
     dq[r] = P(dq_row);
     dmean_pred[r] = P(p * dmean_total - p * q * gs_d);
@@ -557,8 +556,8 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
                 detail::normalize_coefficients_op<P>{gamma, nullptr, r.mean.data(), r.var.data(),
                                                      C, 1, opt.epsilon, w.a.data(), w.k.data()});
     K::for_each(backend, C, detail::fill_op<P>{w.k.data(), P(0)});
-    K::affine(backend, dx, dy, span<const P>(w.a), tensor_view<const T>(), span<const P>(),
-              span<const P>(w.k), x.batch());
+    K::affine(backend, dx, dy, span<const P>(w.a), span<const P>(w.k), tensor_view<const T>(),
+              span<const P>(), span<const P>(w.k), x.batch());
     K::for_each(backend, C,
                 detail::parameter_gradients_op<P>{opt.epsilon, 1, C, 1, r.var.data(),
                                                   w.sum_dy.data(), w.sum_dy_centred.data(),
@@ -589,8 +588,9 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
                     s.posterior.mean.data(), s.posterior.cov.data(), w.sum_dy.data(),
                     w.sum_dy_centred.data(), dpost_mean, dpost_cov, w.a.data(), w.b.data(),
                     w.k.data(), w.dq.data(), w.dmean_predicted.data(), w.dcov_predicted.data()});
-    K::affine(backend, dx, dy, span<const P>(w.a), x, span<const P>(w.b), span<const P>(w.k),
-              group_size);
+    // dx = b (x - mu) + a dy + k: the centred term first, in the element type.
+    K::affine(backend, dx, x, span<const P>(w.b), span<const P>(s.posterior.mean), dy,
+              span<const P>(w.a), span<const P>(w.k), group_size);
   } else {
     K::for_each(backend, G * C * C,
                 detail::full_gradient_matrix_op<P>{opt.epsilon, gamma, s.posterior.cov.data(),
@@ -607,7 +607,8 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
                 detail::full_mix_matrix_op<P>{count, gain, C, w.matrix.data(), w.product2.data(),
                                               w.dcov_predicted.data()});
     K::mix(backend, dx, dy, span<const P>(w.a), x,
-           span<const P>(w.product2.subspan(0, G * C * C)), span<const P>(w.k), group_size);
+           span<const P>(w.product2.subspan(0, G * C * C)), span<const P>(s.posterior.mean),
+           span<const P>(w.k), group_size);
   }
 
   const bool per_channel_gain =

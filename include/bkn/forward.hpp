@@ -145,8 +145,8 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
                     p.gamma.empty() ? nullptr : p.gamma.data(),
                     p.beta.empty() ? nullptr : p.beta.data(), r.mean.data(), r.var.data(), C, 1,
                     opt.epsilon, w.a.data(), w.k.data()});
-    K::affine(backend, y, x, span<const P>(w.a), tensor_view<const T>(), span<const P>(),
-              span<const P>(w.k), x.batch());
+    K::affine(backend, y, x, span<const P>(w.a), span<const P>(r.mean), tensor_view<const T>(),
+              span<const P>(), span<const P>(w.k), x.batch());
     if (!s.posterior.empty())
       K::for_each(backend, G * C,
                   detail::broadcast_running_op<P>{r.mean.data(), r.var.data(), C, full,

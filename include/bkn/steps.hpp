@@ -264,7 +264,7 @@ struct update_cov_op {
   }
 };
 
-/// y = a x + k with a = gamma / sqrt(var + eps), k = beta - a mu, per (g, c).
+/// y = a (x - mu) + k with a = gamma / sqrt(var + eps), k = beta, per (g, c).
 template <class P>
 struct normalize_coefficients_op {
   const P *gamma, *beta, *mean, *cov;
@@ -279,7 +279,7 @@ struct normalize_coefficients_op {
     const double var = double(cov[cov_stride == 1 ? i : g * channels * channels + c * cov_stride]);
     const double scale = (gamma ? double(gamma[c]) : 1.0) / sqrt(var + epsilon);
     a[i] = P(scale);
-    k[i] = P((beta ? double(beta[c]) : 0.0) - scale * double(mean[i]));
+    k[i] = beta ? beta[c] : P(0);
   }
 };
 
@@ -392,8 +392,8 @@ void normalize(const Backend& backend, covariance mode, tensor_view<const T> x,
                                            estimate.mean.data(), estimate.cov.data(), C,
                                            mode == covariance::full ? C + 1 : 1, epsilon,
                                            w.a.data(), w.k.data()});
-  K::affine(backend, y, x, span<const P>(w.a), tensor_view<const T>(), span<const P>(),
-            span<const P>(w.k), group_size);
+  K::affine(backend, y, x, span<const P>(w.a), estimate.mean, tensor_view<const T>(),
+            span<const P>(), span<const P>(w.k), group_size);
 }
 
 template <class Backend, class P>

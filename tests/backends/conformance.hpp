@@ -233,7 +233,8 @@ void check_against_reference(const Backend& backend, std::size_t count) {
   using P = T;
   const double tolerance = std::is_same_v<T, double> ? 1e-10 : 2e-4;
   for (const layer_case& c : sweep(count)) {
-    CAPTURE(describe(c));
+    const std::string name = describe(c);
+    CAPTURE(name);
     const auto got = run_layer<Backend, T, P>(backend, c, 11);
     const auto want = run_layer<bkn::reference_backend, T, P>(bkn::reference_backend{}, c, 11);
     CHECK(relative_error(got.y, want.y) <= tolerance);
@@ -250,7 +251,8 @@ void check_against_reference(const Backend& backend, std::size_t count) {
 template <class T, class Backend>
 void check_deterministic(const Backend& backend, std::size_t count) {
   for (const layer_case& c : sweep(count)) {
-    CAPTURE(describe(c));
+    const std::string name = describe(c);
+    CAPTURE(name);
     const auto a = run_layer<Backend, T, T>(backend, c, 5);
     const auto b = run_layer<Backend, T, T>(backend, c, 5);
     CHECK(a.y == b.y);

@@ -59,7 +59,8 @@ struct diag_backward_in {
   A dvar_out;        ///< dl/dSigma (diagonal) of this layer's posterior, likewise
 };
 
-/// What the diagonal-mode backward yields for one (group, channel). dx = a dy + b x + k.
+/// What the diagonal-mode backward yields for one (group, channel):
+/// dx = a dy + b (x - posterior.mean) + k.
 template <class A>
 struct diag_backward_out {
   A a, b, k;
@@ -86,7 +87,7 @@ BKN_HOST_DEVICE inline diag_backward_out<A> kalman_backward(const diag_backward_
       in.dvar_out - A(0.5) * in.gamma * in.sum_dy_centred * inv_sigma * inv_sigma * inv_sigma;
   out.a = in.gamma * inv_sigma;
   out.b = A(2) * q * dvar / in.count;
-  out.k = q * dmean / in.count - out.b * in.posterior.mean;
+  out.k = q * dmean / in.count;
   out.dq = dvar * (in.observed.var - in.predicted.var + (A(1) - A(2) * q) * d * d) + dmean * d;
   out.dmean_predicted = p * (dmean - A(2) * q * d * dvar);
   out.dvar_predicted = p * dvar;

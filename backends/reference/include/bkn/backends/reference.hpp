@@ -79,15 +79,16 @@ struct kernels<reference_backend> {
 
   template <class T, class P>
   static void affine(const B&, tensor_view<T> out, tensor_view<const T> u, span<const P> a,
-                     tensor_view<const T> v, span<const P> b, span<const P> k,
-                     index_t group_size) {
+                     span<const P> centre, tensor_view<const T> v, span<const P> b,
+                     span<const P> k, index_t group_size) {
     const index_t C = out.channels(), S = out.spatial();
     const bool has_v = !b.empty();
     for (index_t n = 0; n < out.batch(); ++n) {
       const index_t g = n / group_size;
       for (index_t c = 0; c < C; ++c)
         for (index_t s = 0; s < S; ++s) {
-          double r = double(a[g * C + c]) * double(u.at(n, c, s)) + double(k[g * C + c]);
+          double r = double(a[g * C + c]) * (double(u.at(n, c, s)) - double(centre[g * C + c])) +
+                     double(k[g * C + c]);
           if (has_v) r += double(b[g * C + c]) * double(v.at(n, c, s));
           out.at(n, c, s) = T(r);
         }
@@ -96,8 +97,8 @@ struct kernels<reference_backend> {
 
   template <class T, class P>
   static void mix(const B&, tensor_view<T> out, tensor_view<const T> u, span<const P> a,
-                  tensor_view<const T> v, span<const P> matrix, span<const P> k,
-                  index_t group_size) {
+                  tensor_view<const T> v, span<const P> matrix, span<const P> centre,
+                  span<const P> k, index_t group_size) {
     const index_t C = out.channels(), S = out.spatial();
     for (index_t n = 0; n < out.batch(); ++n) {
       const index_t g = n / group_size;
@@ -105,7 +106,8 @@ struct kernels<reference_backend> {
       for (index_t s = 0; s < S; ++s)
         for (index_t i = 0; i < C; ++i) {
           double r = double(a[g * C + i]) * double(u.at(n, i, s)) + double(k[g * C + i]);
-          for (index_t j = 0; j < C; ++j) r += double(M[i * C + j]) * double(v.at(n, j, s));
+          for (index_t j = 0; j < C; ++j)
+            r += double(M[i * C + j]) * (double(v.at(n, j, s)) - double(centre[g * C + j]));
           out.at(n, i, s) = T(r);
         }
     }

@@ -1,0 +1,619 @@
+// SPDX-License-Identifier: MIT
+// The Eigen backend's kernels against the reference backend: every kernel over shapes, group
+// sizes, layouts, type pairs and thread counts; offset data, constant channels, determinism.
+
+// Any heap allocation by Eigen inside a kernel trips an assertion (see no_malloc below). Must
+// come before the first Eigen include.
+#define EIGEN_RUNTIME_NO_MALLOC
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <random>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "bkn/backends/eigen.hpp"
+#include "bkn/backends/reference.hpp"
+
+namespace {
+
+using bkn::index_t;
+using eigen = bkn::kernels<bkn::eigen_backend>;
+using reference = bkn::kernels<bkn::reference_backend>;
+
+template <class Tensor, class Param>
+struct types {
+  using T = Tensor;
+  using P = Param;
+};
+
+// ---- tensors in every layout ----
+
+enum class layout { nc, nchw, nhwc, strided_first, strided_last };
+constexpr layout all_layouts[] = {layout::nc, layout::nchw, layout::nhwc, layout::strided_first,
+                                  layout::strided_last};
+
+const char* name(layout l) {
+  switch (l) {
+    case layout::nc: return "nc";
+    case layout::nchw: return "nchw";
+    case layout::nhwc: return "nhwc";
+    case layout::strided_first: return "strided channels-first";
+    case layout::strided_last: return "strided channels-last";
+  }
+  return "?";
+}
+
+bool applies(layout l, const bkn::tensor_shape& s) { return l != layout::nc || s.spatial() == 1; }
+
+/// Logical element (n, c, s) of a dense NCHW vector.
+index_t logical_index(const bkn::tensor_shape& s, index_t n, index_t c, index_t p) {
+  return (n * s.channels + c) * s.spatial() + p;
+}
+
+/// A tensor stored in one layout. Storage outside the view holds NaN, so a pass that reads
+/// padding poisons its result, and one that writes it is caught by padding_intact().
+template <class T>
+struct stored_tensor {
+  std::vector<T> storage;
+  std::vector<char> in_view;
+  bkn::tensor_view<T> view;
+
+  stored_tensor(layout l, const bkn::tensor_shape& s, const std::vector<T>& values) {
+    const index_t N = s.batch, C = s.channels, H = s.height, W = s.width;
+    bkn::tensor_strides st;
+    index_t offset = 0;
+    switch (l) {
+      case layout::nc:
+      case layout::nchw: st = {C * H * W, H * W, W, 1}; break;
+      case layout::nhwc: st = {H * W * C, 1, W * C, C}; break;
+      case layout::strided_first:
+        // Every other element of padded lines: neither planes nor channels are contiguous.
+        offset = 11;
+        st.width = 2;
+        st.height = 2 * W + 3;
+        st.channel = H * st.height + 5;
+        st.batch = C * st.channel + 7;
+        break;
+      case layout::strided_last:
+        // The first C channels of a wider NHWC buffer with padded lines and samples.
+        offset = 2;
+        st.channel = 1;
+        st.width = C + 3;
+        st.height = W * st.width + 5;
+        st.batch = H * st.height + 2;
+        break;
+    }
+    const index_t size = offset + (N - 1) * st.batch + (C - 1) * st.channel +
+                         (H - 1) * st.height + (W - 1) * st.width + 1;
+    storage.assign(static_cast<std::size_t>(size), std::numeric_limits<T>::quiet_NaN());
+    in_view.assign(storage.size(), 0);
+    T* data = storage.data() + offset;
+    if (l == layout::nc)
+      view = bkn::nc(data, N, C);
+    else if (l == layout::nchw)
+      view = bkn::nchw(data, N, C, H, W);
+    else if (l == layout::nhwc)
+      view = bkn::nhwc(data, N, C, H, W);
+    else
+      view = bkn::strided(data, s, st);
+    for (index_t n = 0; n < N; ++n)
+      for (index_t c = 0; c < C; ++c)
+        for (index_t p = 0; p < s.spatial(); ++p) {
+          view.at(n, c, p) = values[logical_index(s, n, c, p)];
+          in_view[&view.at(n, c, p) - storage.data()] = 1;
+        }
+  }
+  stored_tensor(const stored_tensor&) = delete;
+  stored_tensor& operator=(const stored_tensor&) = delete;
+
+  bkn::tensor_view<const T> in() const { return view; }
+
+  std::vector<T> logical() const {
+    const bkn::tensor_shape& s = view.shape();
+    std::vector<T> out(static_cast<std::size_t>(s.elements()));
+    for (index_t n = 0; n < s.batch; ++n)
+      for (index_t c = 0; c < s.channels; ++c)
+        for (index_t p = 0; p < s.spatial(); ++p) out[logical_index(s, n, c, p)] = view.at(n, c, p);
+    return out;
+  }
+
+  bool padding_intact() const {
+    for (std::size_t i = 0; i < storage.size(); ++i)
+      if (!in_view[i] && !std::isnan(storage[i])) return false;
+    return true;
+  }
+};
+
+// ---- running the backends ----
+
+/// Forbids Eigen heap allocation while alive: the kernels must take all memory from scratch
+/// or the stack. (Checked where eigen_assert is on, i.e. without NDEBUG.)
+struct no_malloc {
+  no_malloc() { Eigen::internal::set_is_malloc_allowed(false); }
+  ~no_malloc() { Eigen::internal::set_is_malloc_allowed(true); }
+  no_malloc(const no_malloc&) = delete;
+  no_malloc& operator=(const no_malloc&) = delete;
+};
+
+/// Scratch of exactly scratch_bytes(), 64-byte aligned as the workspace guarantees, refilled
+/// with NaN bytes before each pass so that nothing can rely on its contents.
+struct scratch_buffer {
+  struct release {
+    void operator()(std::byte* p) const { ::operator delete(p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<std::byte, release> memory;
+  std::size_t bytes = 0;
+
+  explicit scratch_buffer(std::size_t n) : bytes(n) {
+    if (n > 0) memory.reset(static_cast<std::byte*>(::operator new(n, std::align_val_t{64})));
+  }
+  bkn::span<std::byte> fresh() {
+    if (bytes == 0) return {};
+    std::memset(memory.get(), 0xff, bytes);
+    return {memory.get(), static_cast<index_t>(bytes)};
+  }
+};
+
+template <class P>
+std::vector<P> poisoned(index_t n) {
+  return std::vector<P>(static_cast<std::size_t>(n), std::numeric_limits<P>::quiet_NaN());
+}
+
+// ---- problems and their reference results ----
+
+/// Inputs of every kernel for one shape and group size, in dense NCHW order, with the
+/// reference backend's results and the tolerance of each output element.
+///
+/// Tolerances. The reference accumulates in double; the Eigen backend sums blocks of at most
+/// 4096 values per channel in T and merges blocks in double. With round-to-nearest, the
+/// rounding errors of a running sum are independent and of either sign, so the error of a sum
+/// of m terms in precision eps is about eps * sqrt(sum of squared partial sums) <=
+/// eps * sqrt(m) * (|sum| + ||terms||_2); 4x that is the bound (4 standard deviations). Means
+/// and variances are sums divided by m. Covariance gathers and multiplies in double (eps of
+/// double). Every result is finally rounded to P (eps_P relative). affine and mix compute in
+/// W, the wider of T and P: at most 4 (affine) or C + 2 (mix) roundings of terms bounded by
+/// the sum of their magnitudes (the classical dot-product bound), then one rounding to T.
+template <class T, class P>
+struct problem {
+  using W = std::common_type_t<T, P>;
+  static constexpr double eps_t = std::numeric_limits<T>::epsilon();
+  static constexpr double eps_p = std::numeric_limits<P>::epsilon();
+  static constexpr double eps_w = std::numeric_limits<W>::epsilon();
+  static constexpr double eps_d = std::numeric_limits<double>::epsilon();
+
+  bkn::tensor_shape shape;
+  index_t group_size, groups, count;
+  std::vector<T> x, dy, u, v;
+  std::vector<P> a, b, k, centre, matrix;
+
+  std::vector<P> mean, var, cov, sum_dy, sum_dy_centred;
+  std::vector<T> affine_u, affine_uv, mixed;
+  std::vector<double> mean_tol, var_tol, cov_tol, sum_dy_tol, sum_dy_centred_tol, affine_u_tol,
+      affine_uv_tol, mix_tol;
+
+  problem(bkn::tensor_shape s, index_t gs, std::uint64_t seed)
+      : shape(s), group_size(gs), groups(s.batch / gs), count(gs * s.spatial()) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> normal;
+    std::uniform_real_distribution<double> uniform(-1, 1);
+    const index_t N = s.batch, C = s.channels, S = s.spatial(), G = groups;
+    const std::size_t elements = static_cast<std::size_t>(s.elements());
+    // Channel offsets and scales, so that centring matters.
+    std::vector<double> offset(C), scale(C);
+    for (index_t c = 0; c < C; ++c) {
+      offset[c] = 3 * uniform(rng);
+      scale[c] = 1.25 + 0.75 * uniform(rng);
+    }
+    x.resize(elements);
+    for (index_t n = 0; n < N; ++n)
+      for (index_t c = 0; c < C; ++c)
+        for (index_t p = 0; p < S; ++p)
+          x[logical_index(s, n, c, p)] = T(offset[c] + scale[c] * normal(rng));
+    auto fill_normal = [&](auto& values, std::size_t n, double sd) {
+      values.resize(n);
+      for (auto& e : values) e = static_cast<std::decay_t<decltype(e)>>(sd * normal(rng));
+    };
+    fill_normal(dy, elements, 1);
+    fill_normal(u, elements, 1);
+    fill_normal(v, elements, 1);
+    fill_normal(a, G * C, 1);
+    fill_normal(b, G * C, 1);
+    fill_normal(k, G * C, 1);
+    fill_normal(matrix, G * C * C, 1 / std::sqrt(double(C)));
+
+    const bkn::reference_backend ref;
+    const auto xv = dense(x), dyv = dense(dy), uv = dense(u), vv = dense(v);
+    mean = poisoned<P>(G * C);
+    var = poisoned<P>(G * C);
+    reference::moments<T, P>(ref, xv, gs, mean, var, {});
+    cov = poisoned<P>(G * C * C);
+    reference::covariance<T, P>(ref, xv, gs, mean, cov, {});
+    centre.resize(G * C);
+    for (index_t i = 0; i < G * C; ++i)
+      centre[i] = P(double(mean[i]) + 0.1 * normal(rng) * std::sqrt(double(var[i])));
+    sum_dy = poisoned<P>(G * C);
+    sum_dy_centred = poisoned<P>(G * C);
+    reference::sums<T, P>(ref, dyv, xv, centre, gs, sum_dy, sum_dy_centred, {});
+    affine_u = poisoned<T>(s.elements());
+    affine_uv = poisoned<T>(s.elements());
+    mixed = poisoned<T>(s.elements());
+    reference::affine<T, P>(ref, dense(affine_u), uv, a, centre, {}, {}, k, gs);
+    reference::affine<T, P>(ref, dense(affine_uv), uv, a, centre, vv, b, k, gs);
+    reference::mix<T, P>(ref, dense(mixed), uv, a, vv, matrix, centre, k, gs);
+    tolerances();
+  }
+
+  template <class U>
+  bkn::tensor_view<U> dense(std::vector<U>& values) const {
+    return bkn::nchw(values.data(), shape.batch, shape.channels, shape.height, shape.width);
+  }
+  template <class U>
+  bkn::tensor_view<const U> dense(const std::vector<U>& values) const {
+    return bkn::nchw(values.data(), shape.batch, shape.channels, shape.height, shape.width);
+  }
+
+  void tolerances() {
+    const index_t C = shape.channels, S = shape.spatial(), G = groups;
+    const double root_m = std::sqrt(double(count));
+    const double tiny = std::numeric_limits<P>::min();
+    mean_tol.resize(G * C);
+    var_tol.resize(G * C);
+    sum_dy_tol.resize(G * C);
+    sum_dy_centred_tol.resize(G * C);
+    cov_tol.resize(G * C * C);
+    for (index_t g = 0; g < G; ++g)
+      for (index_t c = 0; c < C; ++c) {
+        const index_t i = g * C + c;
+        const double sd = std::sqrt(double(var[i]));
+        mean_tol[i] = eps_p * std::abs(double(mean[i])) + 4 * eps_t * root_m * sd + tiny;
+        var_tol[i] = (eps_p + 4 * eps_t * root_m) * double(var[i]) + tiny;
+        double dy2 = 0, dyc2 = 0;
+        for (index_t n = g * group_size; n < (g + 1) * group_size; ++n)
+          for (index_t p = 0; p < S; ++p) {
+            const index_t e = logical_index(shape, n, c, p);
+            const double t = double(dy[e]) * (double(x[e]) - double(centre[i]));
+            dy2 += double(dy[e]) * double(dy[e]);
+            dyc2 += t * t;
+          }
+        sum_dy_tol[i] = (eps_p + 4 * eps_t * root_m) * std::abs(double(sum_dy[i])) +
+                        4 * eps_t * root_m * std::sqrt(dy2) + tiny;
+        sum_dy_centred_tol[i] = (eps_p + 4 * eps_t * root_m) * std::abs(double(sum_dy_centred[i])) +
+                                4 * eps_t * root_m * std::sqrt(dyc2) + tiny;
+        for (index_t j = 0; j < C; ++j) {
+          const index_t e = (g * C + c) * C + j;
+          const double scale = std::sqrt(double(cov[(g * C + c) * C + c]) *
+                                         double(cov[(g * C + j) * C + j]));
+          cov_tol[e] = eps_p * std::abs(double(cov[e])) + 8 * eps_d * root_m * scale + tiny;
+        }
+      }
+    const std::size_t elements = static_cast<std::size_t>(shape.elements());
+    affine_u_tol.resize(elements);
+    affine_uv_tol.resize(elements);
+    mix_tol.resize(elements);
+    const double tiny_t = std::numeric_limits<T>::min();
+    for (index_t n = 0; n < shape.batch; ++n) {
+      const index_t g = n / group_size;
+      for (index_t c = 0; c < C; ++c)
+        for (index_t p = 0; p < S; ++p) {
+          const index_t e = logical_index(shape, n, c, p), i = g * C + c;
+          const double au = std::abs(double(a[i]) * (double(u[e]) - double(centre[i]))),
+                       kk = std::abs(double(k[i]));
+          const double au_plain = std::abs(double(a[i]) * double(u[e]));
+          const double bv = std::abs(double(b[i]) * double(v[e]));
+          affine_u_tol[e] = eps_t * std::abs(double(affine_u[e])) + 4 * eps_w * (au + kk) + tiny_t;
+          affine_uv_tol[e] =
+              eps_t * std::abs(double(affine_uv[e])) + 4 * eps_w * (au + kk + bv) + tiny_t;
+          double mv = 0;
+          for (index_t j = 0; j < C; ++j)
+            mv += std::abs(double(matrix[(g * C + c) * C + j]) *
+                           (double(v[logical_index(shape, n, j, p)]) - double(centre[g * C + j])));
+          mix_tol[e] = eps_t * std::abs(double(mixed[e])) +
+                       2 * double(C + 2) * eps_w * (au_plain + kk + mv) + tiny_t;
+        }
+    }
+  }
+};
+
+/// One CHECK per output array: the element farthest outside its tolerance, if any.
+template <class A, class R>
+void check_close(const std::string& what, const std::vector<A>& got, const std::vector<R>& want,
+                 const std::vector<double>& tol) {
+  REQUIRE(got.size() == want.size());
+  double worst = 0;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const double err = std::abs(double(got[i]) - double(want[i]));
+    const double ratio = std::isnan(err) ? std::numeric_limits<double>::infinity() : err / tol[i];
+    if (ratio > worst) {
+      worst = ratio;
+      at = i;
+    }
+  }
+  CHECK_MESSAGE(worst <= 1.0, what, ": element ", at, " is ", double(got[at]), ", reference ",
+                double(want[at]), ", tolerance ", tol[at], " (", worst, "x)");
+}
+
+template <class T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+/// Everything the Eigen backend produces for one problem, layout and thread count.
+template <class T, class P>
+struct eigen_results {
+  std::vector<P> mean, var, cov, sum_dy, sum_dy_centred;
+  std::vector<T> affine_u, affine_uv, affine_into_u, affine_into_v, mixed, mixed_into_u;
+  bool padding_intact = true;
+
+  eigen_results(const problem<T, P>& pr, layout l, int threads) {
+    const bkn::eigen_backend backend{threads};
+    const bkn::tensor_shape& s = pr.shape;
+    const index_t gc = pr.groups * s.channels, gs = pr.group_size;
+    const stored_tensor<T> x(l, s, pr.x), dy(l, s, pr.dy), u(l, s, pr.u), v(l, s, pr.v);
+    scratch_buffer scratch(eigen::scratch_bytes(backend, s, gs, bkn::covariance::full));
+    const bkn::span<const P> a(pr.a), b(pr.b), k(pr.k), centre(pr.centre), matrix(pr.matrix);
+
+    mean = poisoned<P>(gc);
+    var = poisoned<P>(gc);
+    cov = poisoned<P>(gc * s.channels);
+    sum_dy = poisoned<P>(gc);
+    sum_dy_centred = poisoned<P>(gc);
+    {
+      const no_malloc guard;
+      eigen::moments<T, P>(backend, x.in(), gs, mean, var, scratch.fresh());
+      // The reference mean, so that both backends centre the covariance on the same values.
+      eigen::covariance<T, P>(backend, x.in(), gs, bkn::span<const P>(pr.mean), cov,
+                              scratch.fresh());
+      eigen::sums<T, P>(backend, dy.in(), x.in(), centre, gs, sum_dy, sum_dy_centred,
+                        scratch.fresh());
+    }
+
+    const std::vector<T> nan(static_cast<std::size_t>(s.elements()),
+                             std::numeric_limits<T>::quiet_NaN());
+    auto output = [&](const std::vector<T>& initial, auto&& pass) {
+      stored_tensor<T> out(l, s, initial);
+      {
+        const no_malloc guard;
+        pass(out.view);
+      }
+      padding_intact = padding_intact && out.padding_intact();
+      return out.logical();
+    };
+    affine_u = output(nan, [&](bkn::tensor_view<T> o) {
+      eigen::affine<T, P>(backend, o, u.in(), a, centre, {}, {}, k, gs);
+    });
+    affine_uv = output(nan, [&](bkn::tensor_view<T> o) {
+      eigen::affine<T, P>(backend, o, u.in(), a, centre, v.in(), b, k, gs);
+    });
+    affine_into_u = output(pr.u, [&](bkn::tensor_view<T> o) {
+      eigen::affine<T, P>(backend, o, o, a, centre, v.in(), b, k, gs);
+    });
+    affine_into_v = output(pr.v, [&](bkn::tensor_view<T> o) {
+      eigen::affine<T, P>(backend, o, u.in(), a, centre, o, b, k, gs);
+    });
+    mixed = output(nan, [&](bkn::tensor_view<T> o) {
+      eigen::mix<T, P>(backend, o, u.in(), a, v.in(), matrix, centre, k, gs);
+    });
+    mixed_into_u = output(pr.u, [&](bkn::tensor_view<T> o) {
+      eigen::mix<T, P>(backend, o, o, a, v.in(), matrix, centre, k, gs);
+    });
+  }
+
+  bool operator==(const eigen_results& o) const {
+    return bitwise_equal(mean, o.mean) && bitwise_equal(var, o.var) &&
+           bitwise_equal(cov, o.cov) && bitwise_equal(sum_dy, o.sum_dy) &&
+           bitwise_equal(sum_dy_centred, o.sum_dy_centred) &&
+           bitwise_equal(affine_u, o.affine_u) && bitwise_equal(affine_uv, o.affine_uv) &&
+           bitwise_equal(affine_into_u, o.affine_into_u) &&
+           bitwise_equal(affine_into_v, o.affine_into_v) && bitwise_equal(mixed, o.mixed) &&
+           bitwise_equal(mixed_into_u, o.mixed_into_u);
+  }
+};
+
+template <class T, class P>
+void check_against_reference(const problem<T, P>& pr, layout l, int threads) {
+  const bkn::tensor_shape& s = pr.shape;
+  std::ostringstream where;
+  where << "N=" << s.batch << " C=" << s.channels << " HxW=" << s.height << "x" << s.width
+        << " group_size=" << pr.group_size << " " << name(l) << " threads=" << threads;
+  const std::string at = where.str() + " ";
+  const eigen_results<T, P> got(pr, l, threads);
+  check_close(at + "mean", got.mean, pr.mean, pr.mean_tol);
+  check_close(at + "var", got.var, pr.var, pr.var_tol);
+  check_close(at + "covariance", got.cov, pr.cov, pr.cov_tol);
+  check_close(at + "sum_dy", got.sum_dy, pr.sum_dy, pr.sum_dy_tol);
+  check_close(at + "sum_dy_centred", got.sum_dy_centred, pr.sum_dy_centred,
+              pr.sum_dy_centred_tol);
+  check_close(at + "affine(u)", got.affine_u, pr.affine_u, pr.affine_u_tol);
+  check_close(at + "affine(u, v)", got.affine_uv, pr.affine_uv, pr.affine_uv_tol);
+  check_close(at + "affine, out = u", got.affine_into_u, pr.affine_uv, pr.affine_uv_tol);
+  check_close(at + "affine, out = v", got.affine_into_v, pr.affine_uv, pr.affine_uv_tol);
+  check_close(at + "mix", got.mixed, pr.mixed, pr.mix_tol);
+  check_close(at + "mix, out = u", got.mixed_into_u, pr.mixed, pr.mix_tol);
+  CHECK_MESSAGE(got.padding_intact, at, "an output pass wrote outside its view");
+}
+
+std::vector<index_t> group_sizes(index_t batch) {
+  std::vector<index_t> sizes{1};
+  if (batch % 2 == 0 && batch > 2) sizes.push_back(2);
+  if (batch > 1) sizes.push_back(batch);
+  return sizes;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("eigen kernels agree with the reference backend", Types,
+                   types<float, float>, types<float, double>, types<double, float>,
+                   types<double, double>) {
+  using T = typename Types::T;
+  using P = typename Types::P;
+  std::uint64_t seed = 1;
+  for (index_t N : {1, 2, 3, 8, 32})
+    for (index_t C : {1, 3, 16, 64})
+      for (const auto& [H, W] : {std::pair<index_t, index_t>{1, 1}, {7, 7}, {5, 3}})
+        for (index_t gs : group_sizes(N)) {
+          const problem<T, P> pr({N, C, H, W}, gs, seed++);
+          for (layout l : all_layouts)
+            if (applies(l, pr.shape))
+              for (int threads : {1, 2}) check_against_reference(pr, l, threads);
+        }
+}
+
+TEST_CASE_TEMPLATE("float32 data far from zero: 1e4 + N(0, 1) over 65536 values", P, float,
+                   double) {
+  // E[x^2] - E[x]^2 in float would lose every digit here (x^2 ~ 1e8, float spacing 8); the
+  // backend must stay within 1e-3 relative of the double-precision statistics.
+  const bkn::tensor_shape s{16, 3, 64, 64};
+  const index_t gs = 16;  // one group of 16 * 64 * 64 = 65536 values per channel
+  std::mt19937_64 rng(42);
+  std::normal_distribution<double> normal;
+  std::vector<float> values(static_cast<std::size_t>(s.elements()));
+  for (float& e : values) e = float(1e4 + normal(rng));
+  const bkn::reference_backend ref;
+  std::vector<P> want_mean(3), want_var(3);
+  reference::moments<float, P>(ref, bkn::nchw(values.data(), 16, 3, 64, 64), gs, want_mean,
+                               want_var, {});
+  for (layout l : all_layouts) {
+    if (!applies(l, s)) continue;
+    for (int threads : {1, 2}) {
+      const bkn::eigen_backend backend{threads};
+      const stored_tensor<float> x(l, s, values);
+      scratch_buffer scratch(eigen::scratch_bytes(backend, s, gs, bkn::covariance::diagonal));
+      std::vector<P> mean = poisoned<P>(3), var = poisoned<P>(3);
+      {
+        const no_malloc guard;
+        eigen::moments<float, P>(backend, x.in(), gs, mean, var, scratch.fresh());
+      }
+      for (index_t c = 0; c < 3; ++c) {
+        const double mean_err = std::abs(double(mean[c]) / double(want_mean[c]) - 1);
+        const double var_err = std::abs(double(var[c]) / double(want_var[c]) - 1);
+        CHECK_MESSAGE(mean_err <= 1e-3, name(l), " threads=", threads, " channel ", c);
+        CHECK_MESSAGE(var_err <= 1e-3, name(l), " threads=", threads, " channel ", c,
+                      ": var ", double(var[c]), " vs ", double(want_var[c]));
+        // What the design gives: centred float sums over blocks of <= 4096 values err by about
+        // eps_float * sqrt(4096) / 4 ~ 2e-6 relative.
+        CHECK_MESSAGE(var_err <= 2e-5, name(l), " threads=", threads, " channel ", c,
+                      ": relative error ", var_err);
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<float, float>,
+                   types<float, double>, types<double, float>, types<double, double>) {
+  using T = typename Types::T;
+  using P = typename Types::P;
+  const T constant = T(1e4 + 0.3);
+  // Small (one thread) and large (split into chunks on two threads) tensors.
+  for (const bkn::tensor_shape& s : {bkn::tensor_shape{4, 3, 5, 7}, bkn::tensor_shape{8, 3, 64, 64},
+                                     bkn::tensor_shape{32, 3, 1, 1}}) {
+    std::mt19937_64 rng(7);
+    std::normal_distribution<double> normal;
+    std::vector<T> values(static_cast<std::size_t>(s.elements()));
+    for (index_t n = 0; n < s.batch; ++n)
+      for (index_t c = 0; c < s.channels; ++c)
+        for (index_t p = 0; p < s.spatial(); ++p)
+          values[logical_index(s, n, c, p)] = c == 1 ? constant : T(1e4 + normal(rng));
+    for (index_t gs : {index_t(1), s.batch})
+      for (layout l : all_layouts) {
+        if (!applies(l, s)) continue;
+        for (int threads : {1, 2}) {
+          const bkn::eigen_backend backend{threads};
+          const stored_tensor<T> x(l, s, values);
+          scratch_buffer scratch(eigen::scratch_bytes(backend, s, gs, bkn::covariance::full));
+          const index_t G = s.batch / gs;
+          std::vector<P> mean = poisoned<P>(G * 3), var = poisoned<P>(G * 3);
+          std::vector<P> cov = poisoned<P>(G * 9);
+          {
+            const no_malloc guard;
+            eigen::moments<T, P>(backend, x.in(), gs, mean, var, scratch.fresh());
+            eigen::covariance<T, P>(backend, x.in(), gs, bkn::span<const P>(mean), cov,
+                                    scratch.fresh());
+          }
+          for (index_t g = 0; g < G; ++g) {
+            // Every block sums (x - first value) = 0 exactly, so the mean is the constant and
+            // the centred squares are 0; Chan's combine of such blocks stays exact.
+            CHECK_MESSAGE(mean[g * 3 + 1] == P(constant), name(l), " threads=", threads);
+            CHECK_MESSAGE(var[g * 3 + 1] == P(0), name(l), " threads=", threads, " var ",
+                          double(var[g * 3 + 1]));
+            // Centred on the mean as given in P: exactly 0 unless P cannot hold the constant.
+            const double gap = double(constant) - double(mean[g * 3 + 1]);
+            if (gap == 0)
+              CHECK(cov[g * 9 + 4] == P(0));
+            else
+              CHECK(double(cov[g * 9 + 4]) == doctest::Approx(gap * gap).epsilon(1e-6));
+            if (gs * s.spatial() > 1) CHECK(var[g * 3 + 0] > P(0));
+          }
+        }
+      }
+  }
+}
+
+TEST_CASE_TEMPLATE("results are bitwise identical across runs on two threads", Types,
+                   types<float, float>, types<float, double>, types<double, double>) {
+  using T = typename Types::T;
+  using P = typename Types::P;
+  // Above the single-thread threshold of 65536 elements, with group sizes that give one group
+  // per thread and one group split across both threads.
+  for (const bkn::tensor_shape& s :
+       {bkn::tensor_shape{4, 32, 24, 24}, bkn::tensor_shape{4, 3, 96, 96}})
+    for (index_t gs : {index_t(1), s.batch}) {
+      const problem<T, P> pr(s, gs, 99);
+      for (layout l : all_layouts) {
+        if (!applies(l, s)) continue;
+        const eigen_results<T, P> first(pr, l, 2), second(pr, l, 2);
+        CHECK_MESSAGE(first == second, name(l), " N=", s.batch, " C=", s.channels,
+                      " group_size=", gs);
+        // And still the right answer.
+        check_close(std::string(name(l)) + " var", first.var, pr.var, pr.var_tol);
+        check_close(std::string(name(l)) + " covariance", first.cov, pr.cov, pr.cov_tol);
+        check_close(std::string(name(l)) + " mix", first.mixed, pr.mixed, pr.mix_tol);
+      }
+    }
+}
+
+TEST_CASE("covariance and mix allocate nothing for wide channel counts") {
+  // C = 200: Eigen's packing buffers for the Gram products are at their largest (just under
+  // 64 KiB) and mix runs many channel tiles; any heap allocation would trip no_malloc.
+  const problem<double, double> pr({3, 200, 4, 5}, 3, 5);
+  for (layout l : {layout::nchw, layout::nhwc, layout::strided_first})
+    for (int threads : {1, 2}) {
+      const eigen_results<double, double> got(pr, l, threads);
+      check_close(std::string(name(l)) + " covariance", got.cov, pr.cov, pr.cov_tol);
+      check_close(std::string(name(l)) + " mix", got.mixed, pr.mixed, pr.mix_tol);
+    }
+}
+
+TEST_CASE("scratch_bytes covers the largest pass and grows with the team") {
+  const bkn::tensor_shape small{2, 16, 4, 4}, large{8, 64, 16, 16};
+  const bkn::eigen_backend one{1}, two{2};
+  CHECK(eigen::scratch_bytes(one, small, 1, bkn::covariance::diagonal) > 0);
+  CHECK(eigen::scratch_bytes(one, small, 1, bkn::covariance::full) >
+        eigen::scratch_bytes(one, small, 1, bkn::covariance::diagonal));
+  // Small tensors run on one thread whatever the backend allows.
+  CHECK(eigen::scratch_bytes(two, small, 1, bkn::covariance::full) ==
+        eigen::scratch_bytes(one, small, 1, bkn::covariance::full));
+  CHECK(eigen::scratch_bytes(two, large, 1, bkn::covariance::full) ==
+        2 * eigen::scratch_bytes(one, large, 1, bkn::covariance::full));
+  CHECK(eigen::scratch_bytes(two, {0, 16, 4, 4}, 1, bkn::covariance::full) == 0);
+  CHECK(eigen::scratch_bytes(one, large, 1, bkn::covariance::full) % 64 == 0);
+}
+
+TEST_CASE("for_each visits every index once, in order") {
+  std::vector<index_t> seen;
+  eigen::for_each(bkn::eigen_backend{4}, 100, [&](index_t i) { seen.push_back(i); });
+  REQUIRE(seen.size() == 100);
+  for (index_t i = 0; i < 100; ++i) CHECK(seen[i] == i);
+}
