@@ -539,11 +539,17 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   const P* gamma = p.gamma.empty() ? nullptr : p.gamma.data();
   auto or_null = [](span<P> v) { return v.empty() ? nullptr : v.data(); };
   if (!has_prior) {
-    // (A host layer's weight and bias gradients accumulate: adding zero leaves them.)
-    for (span<P> zero : {d.gain_logit, host_weights ? span<P>() : d.transition, d.noise,
-                         prior.empty() ? span<P>() : dprior.mean,
-                         prior.empty() ? span<P>() : dprior.cov})
-      if (!zero.empty()) K::for_each(backend, zero.size(), detail::fill_op<P>{zero.data(), P(0)});
+    const auto zero = [&](span<P> v) {
+      if (!v.empty()) K::for_each(backend, v.size(), detail::fill_op<P>{v.data(), P(0)});
+    };
+    zero(d.gain_logit);
+    zero(d.noise);
+    // A host layer's weight and bias gradients accumulate: adding zero leaves them.
+    if (!host_weights) zero(d.transition);
+    if (!prior.empty()) {
+      zero(dprior.mean);
+      zero(dprior.cov);
+    }
   }
 
   if (!batch_stats) {

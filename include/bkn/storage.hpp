@@ -21,6 +21,7 @@ struct layer_config {
   /// weights are C x C' x kh x kw, initialized like the dense identity on the centre tap.
   conv2d_geometry conv{};
   activation act = activation::relu;
+  moment_function moments = nullptr;  ///< for activation::custom
   bool transition_bias = true;
   bool per_channel_gain = false;
   bool affine = true;
@@ -107,7 +108,7 @@ class layer_storage {
       case transition_kind::weights:
         return transition<P>::conv2d(
             w, span<const P>(transition_bias.data(), index_t(transition_bias.size())),
-            in_channels(), cfg_.conv, cfg_.act);
+            in_channels(), cfg_.conv, cfg_.act, cfg_.moments);
       case transition_kind::identity:
         break;
     }

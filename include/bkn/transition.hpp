@@ -160,15 +160,17 @@ inline bool make_bands(index_t in, index_t kernel, index_t stride, index_t pad, 
   return true;
 }
 
-inline border_classes make_border_classes(const conv2d_geometry& g) {
+inline border_classes make_border_classes(const conv2d_geometry& g,
+                                          const char* routine = "bkn::workspace_size") {
   border_classes b;
   const bool ok =
       make_bands(g.in_height, g.kernel_height, g.stride_height, g.pad_height, g.out_height(),
                  b.row, b.rows) &&
       make_bands(g.in_width, g.kernel_width, g.stride_width, g.pad_width, g.out_width(), b.col,
                  b.cols);
-  require(ok, "bkn: transition", "conv", "more than ", border_classes::max_bands,
-          " distinct border patterns per axis; use a smaller kernel or padding");
+  require(ok, routine, "params.transition", "weights: more than ", border_classes::max_bands,
+          " distinct border patterns per axis (kernel ", g.kernel_height, "x", g.kernel_width,
+          ", padding ", g.pad_height, "x", g.pad_width, "); use a smaller kernel or padding");
   b.positions = g.out_height() * g.out_width();
   return b;
 }
@@ -215,6 +217,7 @@ void check_transition(const char* routine, const transition<P>& a, index_t chann
                      "one per channel");
       require(a.act != activation::custom || a.moments != nullptr, routine, name,
               "weights: activation::custom needs a moment_function");
+      make_border_classes(g, routine);
       return;
     }
   }
