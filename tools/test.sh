@@ -20,4 +20,8 @@ run_suite() {
 }
 
 ./tools/setup-deps.sh
-run_suite "${BKN_BUILD_DIR:-build}"
+# Kokkos 3.4.1 with Serial + OpenMP for the kokkos backend: built once into /var/cache/bkn, then instant.
+kokkos_prefix=$(./tools/install-kokkos.sh | tail -1)
+# Each Kokkos pass is one OpenMP region: threads that sleep rather than spin keep ctest -j fast.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+run_suite "${BKN_BUILD_DIR:-build}" -DCMAKE_PREFIX_PATH="$kokkos_prefix" -DBKN_ENABLE_KOKKOS=ON
