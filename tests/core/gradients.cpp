@@ -945,3 +945,22 @@ TEST_CASE("the authors' variant: the skip rule keeps the batch statistics of ski
   CHECK(skipped == 1);
   check_layer(c);
 }
+
+TEST_CASE("the authors' variant: a constant channel does not divide by zero in the skip rule") {
+  // s = 0 exactly on channel 0: the authors' ratio v_pred / s is infinite; bkn's
+  // v_pred / (s + eps) is finite, the rule fires, and the layer is batch normalization there.
+  layer_case c;
+  c.transition = transition_kind::identity;
+  c.skip_threshold = 100;
+  layer_problem p(c);
+  for (index_t n = 0; n < c.shape.batch; ++n)
+    for (index_t k = 0; k < c.shape.spatial(); ++k) p.x().view().at(n, 0, k) = 3.25;
+  p.loss();
+  p.backward();
+  const auto& st = p.storage();
+  for (P v : p.y().values()) CHECK(std::isfinite(v));
+  for (P v : p.dx().values()) CHECK(std::isfinite(v));
+  for (P v : st.dgain_logit) CHECK(std::isfinite(v));
+  CHECK(st.observed_cov[0] == 0);
+  CHECK(st.posterior_mean[0] == st.observed_mean[0]);  // skipped: q = 1
+}
