@@ -522,11 +522,13 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
     detail::check_transition(routine, p.transition, C, x.shape().height, x.shape().width);
   detail::check_optional(routine, "grads.transition", d.transition.size(),
                          p.transition.weight_count(C), "as params.transition");
-  detail::require(d.transition_bias.empty() || (host_weights && d.transition_bias.size() == C),
-                  routine, "grads.transition_bias",
-                  host_weights ? "expected C elements or none, got "
-                               : "only a weights transition has a bias; expected none, got ",
-                  d.transition_bias.size());
+  if (host_weights)
+    detail::check_optional(routine, "grads.transition_bias", d.transition_bias.size(), C,
+                           "one per channel");
+  else
+    detail::require(d.transition_bias.empty(), routine, "grads.transition_bias",
+                    "only a weights transition has a bias; expected none, got ",
+                    d.transition_bias.size());
   if (!prior.empty() && !dprior.empty())
     detail::check_gaussian(routine, "dprior", dprior, prior.groups, prior.channels, opt.mode);
   if (batch_stats && !s.dposterior.empty())

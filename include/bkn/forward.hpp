@@ -88,7 +88,7 @@ void check_layer_call(const char* routine, const options& opt, const layer<P>& L
             "use larger groups");
     return;
   }
-  check_gain(routine, opt, p.gain_logit.size(), C);
+  check_gain(routine, "params.gain_logit", opt, p.gain_logit.size(), C);
   check_optional(routine, "params.noise", p.noise.size(), C, "one per channel");
   check_transition(routine, p.transition, C, x.shape().height, x.shape().width);
   check_weight_transition_mode(routine, opt, p.transition);

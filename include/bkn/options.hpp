@@ -68,14 +68,15 @@ inline void check_options(const char* routine, const options& opt) {
 
 /// A learned gain has 1 logit (per layer) or C (per channel, diagonal mode); a fixed gain
 /// needs none.
-inline void check_gain(const char* routine, const options& opt, index_t count, index_t channels) {
+inline void check_gain(const char* routine, const char* name, const options& opt, index_t count,
+                       index_t channels) {
   if (opt.fixed_gain >= 0 && count == 0) return;
-  require(count == 1 || (count == channels && opt.mode == covariance::diagonal), routine,
-          "params.gain_logit",
-          opt.mode == covariance::full
-              ? "expected 1 element (full mode has one gain per layer), got "
-              : "expected 1 (per layer) or C (per channel) elements, got ",
-          count);
+  if (opt.mode == covariance::full)
+    require(count == 1, routine, name,
+            "expected 1 element (full mode has one gain per layer), got ", count);
+  else
+    require(count == 1 || count == channels, routine, name, "expected 1 (per layer) or ",
+            channels, " (per channel) elements, got ", count);
 }
 
 /// The number of samples per group for a batch of `batch` samples.

@@ -466,7 +466,7 @@ void update(const Backend& backend, const options& opt,
   constexpr const char* routine = "bkn::update";
   const index_t C = posterior.channels, G = posterior.groups;
   detail::check_options(routine, opt);
-  detail::check_gain(routine, opt, gain_logit.size(), C);
+  detail::check_gain(routine, "gain_logit", opt, gain_logit.size(), C);
   detail::check_gaussian(routine, "predicted", predicted, G, C, opt.mode);
   detail::check_gaussian(routine, "observed", observed, G, C, opt.mode);
   detail::check_gaussian(routine, "posterior", posterior, G, C, opt.mode);

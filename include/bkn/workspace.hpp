@@ -54,9 +54,13 @@ class workspace_arena {
 inline void check_workspace(const char* routine, span<std::byte> workspace, std::size_t needed) {
   require(static_cast<std::size_t>(workspace.size()) >= needed, routine, "workspace",
           "expected at least ", needed, " bytes (see workspace_size), got ", workspace.size());
-  require(needed == 0 ||
-              reinterpret_cast<std::uintptr_t>(workspace.data()) % workspace_alignment == 0,
-          routine, "workspace", "expected a start aligned to ", workspace_alignment, " bytes");
+  if (needed == 0) return;
+  require(workspace.data() != nullptr, routine, "workspace",
+          "null data pointer for a workspace of ", workspace.size(), " bytes");
+  const std::uintptr_t misalignment =
+      reinterpret_cast<std::uintptr_t>(workspace.data()) % workspace_alignment;
+  require(misalignment == 0, routine, "workspace", "expected a start aligned to ",
+          workspace_alignment, " bytes, got an address ", misalignment, " bytes past a multiple");
 }
 
 }  // namespace detail

@@ -20,6 +20,8 @@
 #include <bkn/backends/reference.hpp>
 #include <bkn/bkn.hpp>
 
+#include "support/finite_difference.hpp"
+
 namespace {
 
 using bkn::index_t;
@@ -29,63 +31,10 @@ using geometry = bkn::conv2d_geometry;
 
 constexpr double kPi = 3.14159265358979323846;
 
-// ---- Finite differences -------------------------------------------------------------------
-//
-// Central differences with step h = kStep * max(1, |theta|), in double. The estimate's error:
-//   truncation  h^2 / 6 |L'''|  ~ 2e-13 |L'''|   (negligible unless |L'''| > 1e5),
-//   rounding    ~ eps |L| / h   ~ 2e-10 |L|       (|L| is at most a few tens here).
-// The host's ReLU has a kink at 0: a difference taken across it would be wrong by O(1). The
-// loss used for the differences checks that no step flips the sign of any of the host's ReLU
-// inputs (the smallest |input| is ~1e-4 here, a step moves them by ~1e-6), so the loss is
-// smooth over every difference taken. Tolerance: the error relative to max(1, |finite difference|)
-// must be <= 1e-6, over 100x above the noise (worst measured: see the MESSAGEs), and every
-// checked gradient must have a component above kNonTrivial, so no check is vacuous; a missing
-// term (bkn's share of dW, or the gradient along the posteriors) moves gradients by O(1e-2)
-// or more.
-constexpr double kStep = 1e-6;
-constexpr double kTolerance = 1e-6;
-constexpr double kNonTrivial = 1e-3;
-
-double worst_seen = 0;  // the worst relative error of any check in this binary
-
-void check_gradient(const std::string& what, const std::vector<P*>& entries, const vec& analytic,
-                    const std::function<double()>& loss, bool may_vanish = false) {
-  REQUIRE(entries.size() == analytic.size());
-  REQUIRE_FALSE(entries.empty());
-  double worst = 0, largest = 0, fd_at_worst = 0;
-  std::size_t worst_at = 0;
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    P& v = *entries[i];
-    const P saved = v;
-    const double h = kStep * std::max(1.0, std::abs(saved));
-    const P up = saved + h, down = saved - h;
-    v = up;
-    const double loss_up = loss();
-    v = down;
-    const double loss_down = loss();
-    v = saved;
-    const double fd = (loss_up - loss_down) / (up - down);
-    const double error = std::abs(fd - analytic[i]) / std::max(1.0, std::abs(fd));
-    if (!(error <= worst)) {  // also catches NaN
-      worst = error;
-      worst_at = i;
-      fd_at_worst = fd;
-    }
-    largest = std::max(largest, std::abs(analytic[i]));
-  }
-  worst_seen = std::max(worst_seen, worst);
-  INFO(what, ": worst element ", worst_at, " of ", entries.size(), ": analytic ",
-       analytic[worst_at], ", finite difference ", fd_at_worst, ", relative error ", worst);
-  CHECK(worst <= kTolerance);
-  INFO(what, ": largest analytic component ", largest);
-  if (!may_vanish) CHECK(largest > kNonTrivial);
-}
-
-std::vector<P*> pointers(vec& v) {
-  std::vector<P*> out;
-  for (P& e : v) out.push_back(&e);
-  return out;
-}
+using bkn_test::check_gradient;
+using bkn_test::kNonTrivial;
+using bkn_test::pointers;
+using bkn_test::worst_seen;
 
 /// ||a - b|| / max(||a||, ||b||).
 double relative_difference(const vec& a, const vec& b) {
@@ -102,30 +51,10 @@ double relative_difference(const vec& a, const vec& b) {
 
 int tanh_moment_calls = 0;
 
-/// Moments of tanh(z), z ~ N(mu, v), by the trapezoid rule in t = (z - mu) / s on [-12, 12]
-/// (geometric convergence for a smooth integrand times a Gaussian: ~1e-15 with 2400
-/// intervals), with the derivatives from Stein's identities (g = tanh):
-///   dE/dmu = E[g'],  dE/dv = E[g''] / 2,  dVar/dmu = 2 E[g g'] - 2 E[g] E[g'],
-///   dVar/dv = E[g'^2 + g g''] - E[g] E[g''].
+/// The host's own activation for activation::custom, counting its calls.
 bkn::math::activation_moments tanh_moments(double mu, double v) {
   ++tanh_moment_calls;
-  const double s = std::sqrt(std::max(v, 0.0));
-  constexpr int n = 2400;
-  const double h = 24.0 / n;
-  double E = 0, E2 = 0, E1 = 0, Eg2 = 0, Egg1 = 0, Ex = 0;
-  for (int k = 0; k <= n; ++k) {
-    const double t = -12 + k * h;
-    const double w =
-        (k == 0 || k == n ? 0.5 : 1.0) * h * std::exp(-0.5 * t * t) / std::sqrt(2 * kPi);
-    const double g = std::tanh(mu + s * t), g1 = 1 - g * g, g2 = -2 * g * g1;
-    E += w * g;
-    E2 += w * g * g;
-    E1 += w * g1;
-    Eg2 += w * g2;
-    Egg1 += w * g * g1;
-    Ex += w * (g1 * g1 + g * g2);
-  }
-  return {E, std::max(E2 - E * E, 0.0), E1, Eg2 / 2, 2 * Egg1 - 2 * E * E1, Ex - E * Eg2};
+  return bkn_test::tanh_moments(mu, v);
 }
 
 double activate(bkn::activation act, double y) {

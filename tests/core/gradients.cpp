@@ -19,6 +19,8 @@
 #include <bkn/backends/reference.hpp>
 #include <bkn/bkn.hpp>
 
+#include "support/finite_difference.hpp"
+
 namespace {
 
 using bkn::covariance;
@@ -26,58 +28,9 @@ using bkn::index_t;
 using bkn::transition_kind;
 using P = double;
 
-// ---- Finite differences -------------------------------------------------------------------
-//
-// Central differences with step h = kStep * max(1, |theta|). The estimate's error is
-//   truncation  h^2 / 6 |L'''|  ~ 2e-13 |L'''|   (negligible unless |L'''| > 1e5),
-//   rounding    ~ eps |L| / h   ~ 2e-10 |L|       (|L| is a few tens at most here).
-// Measured, every check below agrees to better than 1e-8 (worst seen 7e-9). The tolerance is
-// the error relative to max(1, |finite difference|): 1e-6, over 100x above that noise, while
-// every checked gradient has a component of 0.06 or more (required > kNonTrivial, so no check
-// is vacuous) and a wrong or missing term moves it by far more than 1e-6.
-constexpr double kStep = 1e-6;
-constexpr double kTolerance = 1e-6;
-constexpr double kNonTrivial = 1e-3;
-
-/// Compares analytic[i] with the central difference of `loss` in *entries[i], for every i.
-/// `loss` must recompute everything from the entries (it runs the forward pass).
-void check_gradient(const std::string& what, const std::vector<P*>& entries,
-                    const std::vector<P>& analytic, const std::function<double()>& loss) {
-  REQUIRE(entries.size() == analytic.size());
-  REQUIRE_FALSE(entries.empty());
-  double worst = 0, largest = 0, fd_at_worst = 0;
-  std::size_t worst_at = 0;
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    P& v = *entries[i];
-    const P saved = v;
-    const double h = kStep * std::max(1.0, std::abs(saved));
-    const P up = saved + h, down = saved - h;
-    v = up;
-    const double loss_up = loss();
-    v = down;
-    const double loss_down = loss();
-    v = saved;
-    const double fd = (loss_up - loss_down) / (up - down);
-    const double error = std::abs(fd - analytic[i]) / std::max(1.0, std::abs(fd));
-    if (!(error <= worst)) {  // also catches NaN
-      worst = error;
-      worst_at = i;
-      fd_at_worst = fd;
-    }
-    largest = std::max(largest, std::abs(analytic[i]));
-  }
-  INFO(what, ": worst element ", worst_at, " of ", entries.size(), ": analytic ",
-       analytic[worst_at], ", finite difference ", fd_at_worst, ", relative error ", worst);
-  CHECK(worst <= kTolerance);
-  INFO(what, ": largest analytic component ", largest);
-  CHECK(largest > kNonTrivial);
-}
-
-std::vector<P*> pointers(std::vector<P>& v) {
-  std::vector<P*> out;
-  for (P& e : v) out.push_back(&e);
-  return out;
-}
+using bkn_test::check_gradient;
+using bkn_test::kNonTrivial;
+using bkn_test::pointers;
 
 double dot(const std::vector<P>& a, const std::vector<P>& b) {
   double s = 0;

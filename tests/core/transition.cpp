@@ -18,6 +18,8 @@
 #include <bkn/backends/reference.hpp>
 #include <bkn/bkn.hpp>
 
+#include "support/finite_difference.hpp"
+
 namespace {
 
 using bkn::index_t;
@@ -674,35 +676,10 @@ namespace {
 
 int tanh_calls = 0;
 
-/// Moments of tanh(z), z ~ N(mu, v), by the trapezoid rule in t = (z - mu) / s on [-12, 12]
-/// (2400 intervals; for a smooth integrand times a Gaussian the rule converges geometrically:
-/// ~1e-15 here), with the derivatives from Stein's identities:
-///   dE[g]/dmu = E[g'],  dE[g]/dv = E[g''] / 2   (g = tanh, g' = 1 - g^2, g'' = -2 g g'),
-///   Var = E[g^2] - E[g]^2, so dVar/dmu = 2 E[g g'] - 2 E[g] E[g'],
-///   dVar/dv = E[g'^2 + g g''] - E[g] E[g''].
+/// The host's own activation for activation::custom, counting its calls.
 bkn::math::activation_moments tanh_moments(double mu, double v) {
   ++tanh_calls;
-  if (!(v > 0)) {
-    const double g = std::tanh(mu), g1 = 1 - g * g, g2 = -2 * g * g1;
-    return {g, 0.0, g1, g2 / 2, 0.0, g1 * g1};
-  }
-  const double s = std::sqrt(v);
-  constexpr int n = 2400;
-  const double h = 24.0 / n;
-  double E = 0, E2 = 0, E1 = 0, Eg2 = 0, Egg1 = 0, Ex = 0;
-  for (int k = 0; k <= n; ++k) {
-    const double t = -12 + k * h;
-    const double w =
-        (k == 0 || k == n ? 0.5 : 1.0) * h * std::exp(-0.5 * t * t) / std::sqrt(2 * kPi);
-    const double g = std::tanh(mu + s * t), g1 = 1 - g * g, g2 = -2 * g * g1;
-    E += w * g;
-    E2 += w * g * g;
-    E1 += w * g1;
-    Eg2 += w * g2;
-    Egg1 += w * g * g1;
-    Ex += w * (g1 * g1 + g * g2);
-  }
-  return {E, E2 - E * E, E1, Eg2 / 2, 2 * Egg1 - 2 * E * E1, Ex - E * Eg2};
+  return bkn_test::tanh_moments(mu, v);
 }
 
 }  // namespace
