@@ -445,10 +445,12 @@ TEST_CASE("kokkos backend: passes do not allocate") {
                                scratch.span());
   K::sums<float, double>(b, dy.cview(), x.cview(), bkn::span<const double>(m), 2,
                          bkn::span<double>(s1), bkn::span<double>(s2), scratch.span());
-  K::affine<float, double>(b, out.view, dy.cview(), bkn::span<const double>(a), x.cview(),
-                           bkn::span<const double>(a), bkn::span<const double>(k), 2);
+  K::affine<float, double>(b, out.view, dy.cview(), bkn::span<const double>(a),
+                           bkn::span<const double>(m), x.cview(), bkn::span<const double>(a),
+                           bkn::span<const double>(k), 2);
   K::mix<float, double>(b, out.view, dy.cview(), bkn::span<const double>(a), x.cview(),
-                        bkn::span<const double>(M), bkn::span<const double>(k), 2);
+                        bkn::span<const double>(M), bkn::span<const double>(m),
+                        bkn::span<const double>(k), 2);
   K::for_each(b, index_t(visited.size()), visit_op{visited.data()});
   b.space.fence();
   const long during = kokkos_test::allocations() - before;

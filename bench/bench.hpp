@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: MIT
+// The benchmark suite's vocabulary: shape cases, what is timed, the minimal bytes each pass must
+// move, and the host buffers (allocated and touched once per shape case, outside timing).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include <bkn/bkn.hpp>
+
+namespace bkn_bench {
+
+using bkn::index_t;
+
+/// Command-line switches of bkn_bench (everything else goes to Google Benchmark).
+struct settings {
+  bool smoke = false;      ///< --smoke: a few tiny shapes that still reach every code path
+  bool huge = false;       ///< --huge: also the shapes and transitions marked huge
+  /// --threads=N: the threads of the multi-threaded lines, Eigen's second line and the Kokkos
+  /// OpenMP pool (whose size Kokkos fixes at initialization). The 1-thread lines are Eigen at 1
+  /// thread and Kokkos::Serial.
+  int threads = 2;
+};
+
+enum class layout { nchw, nhwc, nc };
+
+/// One tensor shape of the suite, with its layout and statistics grouping.
+struct shape_case {
+  layout lay = layout::nchw;
+  bkn::tensor_shape shape{};
+  index_t group_size = 0;  ///< samples per statistics group; 0: the whole batch
+  bool huge = false;       ///< registered only with --huge
+
+  index_t elements() const { return shape.elements(); }
+  index_t channels() const { return shape.channels; }
+  /// Samples per group as the routines resolve it (0 -> N).
+  index_t samples_per_group() const { return group_size > 0 ? group_size : shape.batch; }
+  index_t groups() const { return shape.batch / samples_per_group(); }
+  /// Only these run on the (slow, serial) reference backend.
+  bool small() const { return elements() <= (index_t(1) << 19); }
+  /// "32x64x56x56" or "128x1024" (NC).
+  std::string shape_name() const;
+  /// "NCHW/32x64x56x56/gs=2", "NC/128x1024/gs=all".
+  std::string name() const;
+};
+
+/// The shape cases to register, in order (the table is in cases.cpp).
+std::vector<shape_case> shape_cases(const settings& s);
+
+/// What a benchmark times.
+enum class op {
+  moments,           ///< kernel: per-(group, channel) mean and variance (forward's observe)
+  affine,            ///< kernel: y = a (x - centre) + k (forward's normalize)
+  sums,              ///< kernel: sum dy, sum dy (x - centre) (backward's reduction)
+  affine_v,          ///< kernel: dx = a (x - centre) + b dy + k (backward's elementwise pass)
+  inference,         ///< bkn::forward with training = false, from the running statistics
+  forward,           ///< bkn::forward, training
+  backward,          ///< bkn::backward (after one untimed forward)
+  forward_backward,  ///< bkn::forward then bkn::backward
+};
+
+/// How the layer of a forward/backward benchmark normalizes.
+enum class method {
+  bn,            ///< no prior: batch normalization (q = 1)
+  bkn_identity,  ///< BKN, diagonal mode, A = I, prior = the previous layer's posterior
+  bkn_dense,     ///< BKN, diagonal mode, dense C x C' A (C' = C)
+  bkn_linear,    ///< BKN, diagonal mode, A through the host's linear layer + ReLU (NC only)
+};
+
+struct benchmark_kind {
+  op what;
+  method how = method::bn;  ///< used by forward, backward, forward_backward
+};
+
+/// The kinds registered for one case: the four kernels, inference, and forward, backward and
+/// forward_backward for each method that applies (NC shapes add BKN-linear).
+std::vector<benchmark_kind> benchmark_kinds(const shape_case& c, const settings& s);
+
+/// "moments", "inference", "forward_BN", "fwdbwd_BKN-dense", ...
+std::string kind_name(const benchmark_kind& k);
+
+/// Minimal bytes the operation must move, with E = elements, C = channels, G = groups and every
+/// value a 4-byte float: each tensor read or written once, each per-channel array once.
+///   forward (training), inference : 2E + 4C    read x, write y; gamma, beta, mean, var
+///   backward                      : 3E + 5C    read x and dy, write dx; per-channel state
+///   forward + backward            : 5E + 9C    the sum of the two
+///   moments                       : E + 2GC    read x; write mean, var
+///   affine                        : 2E + 3GC   read x, write y; read a, centre, k
+///   sums                          : 2E + 3GC   read dy, x; read centre; write two sums
+///   affine_v                      : 3E + 4GC   read dy, x, write dx; read a, centre, b, k
+/// A forward that is two passes (statistics, then normalize) reads x twice, so once a tensor
+/// outgrows the caches it moves 3E, not 2E: the minimal count is the yardstick, not a claim.
+double minimal_bytes(op what, const shape_case& c);
+
+/// Elements of the STREAM-like baselines of a shape: a copy that moves the training forward's
+/// minimal bytes (2n = 2E + 4C floats) and a triad that moves the backward's (3n ~ 3E + 5C).
+index_t copy_elements(const shape_case& c);
+index_t triad_elements(const shape_case& c);
+
+/// A layer of one method for one shape case: its storage and, for BKN, a prior (the previous
+/// layer's posterior, one per statistics group) and the gradient buffers for it.
+struct layer_setup {
+  layer_setup(const shape_case& c, method how);
+
+  bkn::layer_storage<float> storage;
+  bkn::layer<float> layer;
+  std::vector<float> prior_mean, prior_var, dprior_mean, dprior_var;
+  index_t prior_groups = 0, prior_channels = 0;
+
+  /// Empty for BN.
+  bkn::gaussian_view<const float> prior() const;
+  bkn::gaussian_view<float> dprior();
+  const bkn::transition<float>& transition() const { return layer.params.transition; }
+};
+
+/// Host buffers for one shape case: the tensors, per-(group, channel) coefficient arrays for
+/// the kernels, a grow-only workspace and the layers, all touched before any timing.
+class tensors {
+ public:
+  explicit tensors(const shape_case& c);
+
+  const shape_case& shape() const { return case_; }
+  /// Bytes held now (tensors, arrays, workspace, layers), for the cache's budget.
+  std::size_t bytes() const;
+  bkn::tensor_view<float> view(std::vector<float>& data) const;
+
+  /// x, dy: inputs with a per-channel offset and scale; y, dx: outputs.
+  std::vector<float> x, y, dy, dx;
+  /// G*C arrays: statistics and coefficients of the kernel benchmarks.
+  std::vector<float> mean, var, a, centre, b, k;
+
+  /// `bytes` of 64-byte aligned workspace, reused (and grown) across the case's benchmarks.
+  bkn::span<std::byte> workspace(std::size_t bytes);
+  /// The case's layer of method `how`, made on first use.
+  layer_setup& layer(method how);
+
+ private:
+  shape_case case_;
+  std::size_t workspace_bytes_ = 0;
+  std::unique_ptr<bkn::host_workspace> workspace_;
+  std::map<method, std::unique_ptr<layer_setup>> layers_;
+};
+
+/// The buffers of case `c`, valid until the next call. Recently used cases are kept up to
+/// cache_budget_bytes in all (always at least the current one), least recently used freed first
+/// (the copy and triad buffers have a cache of their own):
+/// benchmarks of one case are registered next to each other, and a run with
+/// --benchmark_enable_random_interleaving over a filtered set rarely allocates again.
+tensors& tensors_for(const shape_case& c);
+
+inline constexpr std::size_t cache_budget_bytes = std::size_t(1) << 30;
+
+/// Registers copy/<shape> and triad/<shape>, the STREAM-like baselines.
+void register_baselines(const shape_case& c);
+
+/// Adds the counters every benchmark reports: bytes_per_second (from `bytes` per iteration),
+/// elements, threads.
+void set_counters(benchmark::State& state, double bytes, index_t elements, int threads);
+
+// One function per backend file: registers the benchmark `k` of case `c` on that backend's
+// lines (thread counts). Declared here, defined only where the backend is built.
+void register_reference(const shape_case& c, const benchmark_kind& k, const settings& s);
+#ifdef BKN_BENCH_EIGEN
+void register_eigen(const shape_case& c, const benchmark_kind& k, const settings& s);
+#endif
+#ifdef BKN_BENCH_KOKKOS
+void register_kokkos(const shape_case& c, const benchmark_kind& k, const settings& s);
+#endif
+
+}  // namespace bkn_bench
