@@ -15,6 +15,8 @@
 #include "bkn/backends/reference.hpp"
 #include "bkn/bkn.hpp"
 
+#include "support/thrown.hpp"
+
 namespace {
 
 using bkn::covariance;
@@ -170,16 +172,7 @@ void random_affine(bkn::layer_storage<P>& st, unsigned seed) {
   for (auto& b : st.beta) b = P(u(gen));
 }
 
-template <class F>
-bkn::invalid_argument thrown(F f) {
-  try {
-    f();
-  } catch (const bkn::invalid_argument& e) {
-    return e;
-  }
-  FAIL("expected bkn::invalid_argument");
-  return bkn::invalid_argument("", "", "");
-}
+using bkn_test::thrown;
 
 }  // namespace
 
@@ -1074,3 +1067,4 @@ TEST_CASE_TEMPLATE("forward: N = 0 changes nothing", P, float, double) {
     CHECK(after == before);
   }
 }
+

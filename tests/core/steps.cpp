@@ -14,6 +14,8 @@
 #include "bkn/backends/reference.hpp"
 #include "bkn/bkn.hpp"
 
+#include "support/thrown.hpp"
+
 namespace {
 
 using bkn::covariance;
@@ -78,16 +80,7 @@ std::vector<P> softplus_naive(const std::vector<P>& rho) {
   return r;
 }
 
-template <class F>
-bkn::invalid_argument thrown(F f) {
-  try {
-    f();
-  } catch (const bkn::invalid_argument& e) {
-    return e;
-  }
-  FAIL("expected bkn::invalid_argument");
-  return bkn::invalid_argument("", "", "");
-}
+using bkn_test::thrown;
 
 // Observe on an NC tensor through the public step, into a fresh (NaN) gaussian.
 template <class T, class P>
@@ -781,3 +774,4 @@ TEST_CASE_TEMPLATE("steps: observe, predict, update, normalize compose like forw
   CHECK(post.cov == st.posterior_cov);
   CHECK(y1 == y2);
 }
+

@@ -8,6 +8,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "support/thrown.hpp"
+
 namespace {
 
 using bkn::index_t;
@@ -15,17 +17,7 @@ using bkn::tensor_shape;
 using bkn::tensor_strides;
 using bkn::tensor_view;
 
-// Runs f and returns the bkn::invalid_argument it throws (fails the test if it does not).
-template <class F>
-bkn::invalid_argument thrown(F f) {
-  try {
-    f();
-  } catch (const bkn::invalid_argument& e) {
-    return e;
-  }
-  FAIL("expected bkn::invalid_argument");
-  return bkn::invalid_argument("", "", "");
-}
+using bkn_test::thrown;
 
 bool contains(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;
@@ -293,3 +285,4 @@ TEST_CASE("tensor: check_shape") {
   CHECK(contains(e.what(), "expected shape (2, 3, 4, 1)"));
   CHECK(contains(e.what(), "got (2, 3, 2, 2)"));
 }
+
