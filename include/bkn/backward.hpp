@@ -500,6 +500,8 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   detail::check_view(routine, "dx", dx, true);
   detail::check_shape(routine, "dy", dy, x.shape());
   detail::check_shape(routine, "dx", dx, x.shape());
+  detail::check_no_overlap(routine, "dx", dx, "x", x, false);
+  detail::check_no_overlap(routine, "dx", dx, "dy", dy, true);
   if (x.batch() == 0) return;
   const index_t group_size = detail::resolve_group_size(routine, opt, x.batch());
   detail::check_layer_call(routine, opt, L, x, prior, group_size);
@@ -536,6 +538,10 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   const transition<P> A = prior.empty() ? transition<P>() : p.transition;
   const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size,
                                                    A, workspace);
+  if (opt.check_finite) {
+    detail::check_finite(routine, "x", x);
+    detail::check_finite(routine, "dy", dy);
+  }
 
   using K = kernels<Backend>;
   const P* gamma = p.gamma.empty() ? nullptr : p.gamma.data();

@@ -32,6 +32,33 @@ class invalid_argument : public std::invalid_argument {
   const char* argument_;
 };
 
+/// Thrown on the host by a routine called with options.check_finite when an input holds NaN or
+/// Inf: names the routine, the tensor and the first such element. Nothing has been written.
+class nonfinite_input : public std::domain_error {
+ public:
+  nonfinite_input(const char* routine, const char* argument, index_t n, index_t c, index_t h,
+                  index_t w, double value)
+      : std::domain_error(std::string(routine) + ": " + argument + ": non-finite value " +
+                          std::to_string(value) + " at (n, c, h, w) = (" + std::to_string(n) +
+                          ", " + std::to_string(c) + ", " + std::to_string(h) + ", " +
+                          std::to_string(w) + ")"),
+        routine_(routine),
+        argument_(argument),
+        sample_(n),
+        channel_(c) {}
+
+  const char* routine() const noexcept { return routine_; }
+  const char* argument() const noexcept { return argument_; }
+  /// The sample and channel of the first non-finite element, in (n, c, h, w) order.
+  index_t sample() const noexcept { return sample_; }
+  index_t channel() const noexcept { return channel_; }
+
+ private:
+  const char* routine_;
+  const char* argument_;
+  index_t sample_, channel_;
+};
+
 namespace detail {
 
 template <class... Parts>

@@ -18,7 +18,7 @@ struct running_update_op {
   const P *post_mean, *post_cov, *obs_cov, *gain;
   index_t groups, channels, cov_stride;
   double momentum, bessel_excess;  // m / (m - 1) - 1, or 0
-  P *mean, *var;
+  P *mean, *var, *skipped;         // skipped: null when not counted
 
   BKN_HOST_DEVICE void operator()(index_t c) const {
     using std::isfinite;
@@ -31,7 +31,10 @@ struct running_update_op {
     }
     m /= double(groups);
     v /= double(groups);
-    if (!isfinite(m) || !isfinite(v)) return;
+    if (!isfinite(m) || !isfinite(v)) {
+      if (skipped) skipped[c] += P(1);
+      return;
+    }
     mean[c] = P((1 - momentum) * double(mean[c]) + momentum * m);
     var[c] = P((1 - momentum) * double(var[c]) + momentum * v);
   }
@@ -71,6 +74,7 @@ void check_layer_call(const char* routine, const options& opt, const layer<P>& L
   check_optional(routine, "running.var", L.running.var.size(), C, "one per channel");
   require(L.running.mean.empty() == L.running.var.empty(), routine, "running",
           "mean and var must be given together");
+  check_optional(routine, "running.skipped", L.running.skipped.size(), C, "one per channel");
   if (!uses_batch_statistics(opt)) {
     require(!L.running.mean.empty(), routine, "running",
             "inference from running statistics needs running.mean and running.var");
@@ -125,12 +129,14 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
   detail::check_view(routine, "x", x, false);
   detail::check_view(routine, "y", y, true);
   detail::check_shape(routine, "y", y, x.shape());
+  detail::check_no_overlap(routine, "y", y, "x", x, true);
   if (x.batch() == 0) return;
   const index_t group_size = detail::resolve_group_size(routine, opt, x.batch());
   detail::check_layer_call(routine, opt, L, x, prior, group_size);
   const transition<P> A = prior.empty() ? transition<P>() : L.params.transition;
   const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size,
                                                    A, workspace);
+  if (opt.check_finite) detail::check_finite(routine, "x", x);
 
   using K = kernels<Backend>;
   const index_t C = x.channels(), G = x.batch() / group_size;
@@ -179,7 +185,9 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
                 detail::running_update_op<P>{s.posterior.mean.data(), s.posterior.cov.data(),
                                              s.observed.cov.data(), gain, G, C,
                                              full ? C + 1 : 1, opt.momentum, bessel_excess,
-                                             L.running.mean.data(), L.running.var.data()});
+                                             L.running.mean.data(), L.running.var.data(),
+                                             L.running.skipped.empty() ? nullptr
+                                                                       : L.running.skipped.data()});
   }
 }
 

@@ -39,6 +39,9 @@ template <class P>
 struct running_statistics {
   span<P> mean;
   span<P> var;
+  /// Optional, C: a training forward adds 1 for each channel whose update it skipped because
+  /// the batch's estimate was NaN or Inf (the moving averages are then left as they were).
+  span<P> skipped;
 };
 
 /// The per-batch Gaussian estimates of one layer, G groups x C channels each. forward writes

@@ -35,6 +35,10 @@ struct options {
   /// The moving variance takes the observed variance with Bessel's correction m / (m - 1), as
   /// PyTorch does; normalization always uses the biased estimate.
   bool unbiased_running_variance = true;
+  /// Scan x (and dy) on the host before anything runs and throw bkn::nonfinite_input naming the
+  /// first NaN or Inf. Off by default: NaN and Inf then propagate (docs/reliability.md). Needs
+  /// the tensors in host memory; costs one extra read of each.
+  bool check_finite = false;
 
   // For reproducing the authors' reference code; off by default (docs/math.md, erratum 8).
   /// In [0, 1]: q is this constant (the authors' code used 0.1) and gets no gradient;

@@ -491,6 +491,7 @@ void normalize(const Backend& backend, const options& opt,
   detail::check_view(routine, "x", x, false);
   detail::check_view(routine, "y", y, true);
   detail::check_shape(routine, "y", y, x.shape());
+  detail::check_no_overlap(routine, "y", y, "x", x, true);
   const index_t C = x.channels();
   detail::check_optional(routine, "gamma", gamma.size(), C, "one per channel");
   detail::check_optional(routine, "beta", beta.size(), C, "one per channel");

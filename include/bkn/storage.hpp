@@ -63,6 +63,7 @@ class layer_storage {
     if (cfg.noise) noise.assign(size(C), P(std::log(std::expm1(cfg.initial_noise))));
     running_mean.assign(size(C), P(0));
     running_var.assign(size(C), P(1));
+    running_skipped.assign(size(C), P(0));
     for (auto* v : {&dgamma, &dbeta}) v->assign(gamma.size(), P(0));
     dgain_logit.assign(gain_logit.size(), P(0));
     dtransition_weights.assign(transition_weights.size(), P(0));
@@ -79,7 +80,7 @@ class layer_storage {
     layer<P> L;
     L.params = {gamma, beta, gain_logit, make_transition(), noise};
     L.grads = {dgamma, dbeta, dgain_logit, dnoise, dtransition_weights, dtransition_bias};
-    L.running = {running_mean, running_var};
+    L.running = {running_mean, running_var, running_skipped};
     L.state.observed = {observed_mean, observed_cov, G, C};
     L.state.predicted = {predicted_mean, predicted_cov, G, C};
     L.state.posterior = {posterior_mean, posterior_cov, G, C};
@@ -91,7 +92,7 @@ class layer_storage {
 
   std::vector<P> gamma, beta, gain_logit, transition_weights, transition_bias, noise;
   std::vector<P> dgamma, dbeta, dgain_logit, dtransition_weights, dtransition_bias, dnoise;
-  std::vector<P> running_mean, running_var;
+  std::vector<P> running_mean, running_var, running_skipped;
   std::vector<P> observed_mean, observed_cov, predicted_mean, predicted_cov;
   std::vector<P> posterior_mean, posterior_cov, dposterior_mean, dposterior_cov;
 

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <type_traits>
+#include <utility>
 
 #include "bkn/config.hpp"
 #include "bkn/error.hpp"
@@ -165,6 +167,51 @@ void check_view(const char* routine, const char* name, const tensor_view<T>& v, 
             ", ", s.width, ")");
     span_inside = stride * (extent - 1) + span_inside;
   }
+}
+
+/// The bytes [first, last) a view can touch.
+template <class T>
+std::pair<const char*, const char*> byte_range(const tensor_view<T>& v) {
+  const tensor_shape& s = v.shape();
+  const tensor_strides& st = v.strides();
+  const index_t last = (s.batch - 1) * st.batch + (s.channels - 1) * st.channel +
+                       (s.height - 1) * st.height + (s.width - 1) * st.width;
+  const char* first = reinterpret_cast<const char*>(v.data());
+  return {first, first + (last + 1) * index_t(sizeof(T))};
+}
+
+/// Requires the written view `out` either to be the same view as the read view `in` (when
+/// `identical_ok`) or to share no memory with it: a partial overlap would make results depend
+/// on the order the elements are written.
+template <class T, class U>
+void check_no_overlap(const char* routine, const char* out_name, const tensor_view<T>& out,
+                      const char* in_name, const tensor_view<U>& in, bool identical_ok) {
+  if (out.empty() || in.empty()) return;
+  const bool identical = static_cast<const void*>(out.data()) == static_cast<const void*>(in.data()) &&
+                         out.shape() == in.shape() && out.strides().batch == in.strides().batch &&
+                         out.strides().channel == in.strides().channel &&
+                         out.strides().height == in.strides().height &&
+                         out.strides().width == in.strides().width;
+  if (identical && identical_ok) return;
+  const auto a = byte_range(out), b = byte_range(in);
+  require(a.second <= b.first || b.second <= a.first, routine, out_name,
+          identical ? "must not be the same memory as " : "overlaps ", in_name,
+          identical ? "" : identical_ok ? " without being the same view" : "");
+}
+
+/// Finds the first non-finite element of a view in host memory, in (n, c, h, w) order, and
+/// throws nonfinite_input naming it.
+template <class T>
+void check_finite(const char* routine, const char* name, const tensor_view<T>& v) {
+  using std::isfinite;
+  const tensor_shape& s = v.shape();
+  for (index_t n = 0; n < s.batch; ++n)
+    for (index_t c = 0; c < s.channels; ++c)
+      for (index_t h = 0; h < s.height; ++h)
+        for (index_t w = 0; w < s.width; ++w) {
+          const double value = double(v(n, c, h, w));
+          if (!isfinite(value)) throw nonfinite_input(routine, name, n, c, h, w, value);
+        }
 }
 
 /// Requires `v` to have exactly `expected` extents.
