@@ -81,10 +81,11 @@ class layer_storage {
     L.params = {gamma, beta, gain_logit, make_transition(), noise};
     L.grads = {dgamma, dbeta, dgain_logit, dnoise, dtransition_weights, dtransition_bias};
     L.running = {running_mean, running_var, running_skipped};
-    L.state.observed = {observed_mean, observed_cov, G, C};
-    L.state.predicted = {predicted_mean, predicted_cov, G, C};
-    L.state.posterior = {posterior_mean, posterior_cov, G, C};
-    L.state.dposterior = {dposterior_mean, dposterior_cov, G, C};
+    // Named constructors: nvcc warns that G and C are unused in the braced form.
+    L.state.observed = gaussian_view<P>(observed_mean, observed_cov, G, C);
+    L.state.predicted = gaussian_view<P>(predicted_mean, predicted_cov, G, C);
+    L.state.posterior = gaussian_view<P>(posterior_mean, posterior_cov, G, C);
+    L.state.dposterior = gaussian_view<P>(dposterior_mean, dposterior_cov, G, C);
     return L;
   }
 
