@@ -12,7 +12,8 @@
 // previous value, ...), then from a PRNG seeded by header bytes 30-31.
 //
 // Checks, each a crash (abort) with a message on stderr:
-//  - a call either returns or throws bkn::invalid_argument; anything else is a bug;
+//  - a call either returns or throws bkn::invalid_argument (or, with options.check_finite and
+//    a NaN or Inf in x or dy, bkn::nonfinite_input); anything else is a bug;
 //  - a call with a documented defect (negative stride, overlapping output, epsilon <= 0, a
 //    group size not dividing N, a mismatched transition, ...) throws; a call without any
 //    defect and without an unspecified feature (zero extents, an output layout that only
@@ -21,7 +22,8 @@
 //    writes an input (x, dy, parameters, prior, dposterior) or outside its output views;
 //  - both backends agree on whether each call throws;
 //  - on a well-conditioned problem with finite inputs, both backends' outputs agree to 1e-8
-//    relative to each output's largest magnitude (see `compare`);
+//    relative to each output's largest magnitude, plus a share of its measured sensitivity
+//    to rounding where it cancels (see `compare`);
 //  - y has no NaN when every input is finite and every variance given is >= 0.
 // ASan and UBSan (the build's -fsanitize flags) catch memory errors and undefined behaviour.
 
@@ -951,6 +953,17 @@ std::size_t workspace_bytes(const Backend& backend, const problem& p, const buff
   // Asked only where it is defined: an invalid group size or a stride of 0 has no answer (see
   // fuzz/README.md), and the call fails before the workspace matters.
   const bool has_prior = p.prior_groups > 0;
+  // Finding 2: workspace_size validates neither the options nor the transition: a negative
+  // group size gives a wrong size (0), a stride of 0 divides by zero.
+  if (!avoid_known() && (p.opt.group_size < 0 || (p.transition_unsafe && has_prior))) {
+    const auto A = has_prior ? p.transition(s) : bkn::transition<double>();
+    try {
+      const std::size_t n = bkn::workspace_size(backend, p.opt, {p.N, p.C, p.H, p.W}, A);
+      fail("bkn::workspace_size accepted an invalid group size or transition and returned " +
+           std::to_string(n));
+    } catch (const bkn::invalid_argument&) {
+    }
+  }
   if (p.opt.group_size < 0 || (p.transition_unsafe && has_prior)) return 4096;
   const auto A = has_prior ? p.transition(s) : bkn::transition<double>();
   try {

@@ -97,7 +97,14 @@ else
   section "fuzz: configure and build ${BKN_FUZZ_DIR:-build-fuzz}"
   start=$SECONDS
   fuzz_dir=${BKN_FUZZ_DIR:-build-fuzz}
-  if grep -Eq '^[^#]*add_subdirectory\(fuzz\)' CMakeLists.txt; then
+  fuzz_source=$PWD/fuzz
+  grep -Eq '^[^#]*add_subdirectory\(fuzz\)' CMakeLists.txt && fuzz_source=$PWD
+  # A tree configured the other way (before or after fuzz/ joined the top level) starts anew.
+  if [[ -f $fuzz_dir/CMakeCache.txt ]] &&
+    ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$fuzz_source" "$fuzz_dir/CMakeCache.txt"; then
+    rm -rf "$fuzz_dir"
+  fi
+  if [[ $fuzz_source == "$PWD" ]]; then
     configure "$fuzz_dir" -DBKN_BUILD_FUZZERS=ON -DBKN_BUILD_TESTS=OFF \
       -DBKN_BUILD_BENCHMARKS=OFF -DBKN_BUILD_EXAMPLES=OFF -DBKN_INSTALL=OFF \
       -DBKN_ENABLE_KOKKOS=OFF -DBKN_ENABLE_CUDA=OFF
@@ -136,7 +143,7 @@ else
     echo "Replay with: BKN_FUZZ_VERBOSE=1 $fuzzer <file> (fuzz/README.md)" >&2
     exit 1
   fi
-  grep -E '^(INFO: seed corpus|#[0-9]+ +(INITED|DONE))|^stat::|stats:' "$log" || true
+  grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE))|^stat::|stats:' "$log" || true
   summary+=("fuzz passed in $(elapsed "$start") s (build ${built} s, fuzzing ${seconds} s)")
 fi
 

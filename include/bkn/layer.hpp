@@ -144,6 +144,7 @@ void check_weight_transition_mode(const char* routine, const options& opt,
 template <class Backend, class P>
 std::size_t workspace_size(const Backend& backend, const options& opt, const tensor_shape& x,
                            const transition<P>& A) {
+  detail::check_options("bkn::workspace_size", opt);
   const index_t group_size = detail::resolve_group_size("bkn::workspace_size", opt, x.batch);
   detail::workspace_arena arena;
   detail::carve_workspace<Backend, double>(arena, backend, opt, x, group_size, A);

@@ -162,6 +162,14 @@ inline bool make_bands(index_t in, index_t kernel, index_t stride, index_t pad, 
 
 inline border_classes make_border_classes(const conv2d_geometry& g,
                                           const char* routine = "bkn::workspace_size") {
+  require(g.in_height > 0 && g.in_width > 0 && g.kernel_height > 0 && g.kernel_width > 0 &&
+              g.stride_height > 0 && g.stride_width > 0 && g.pad_height >= 0 &&
+              g.pad_width >= 0 && g.kernel_height <= g.in_height + 2 * g.pad_height &&
+              g.kernel_width <= g.in_width + 2 * g.pad_width,
+          routine, "params.transition", "weights: invalid convolution geometry (input ",
+          g.in_height, "x", g.in_width, ", kernel ", g.kernel_height, "x", g.kernel_width,
+          ", stride ", g.stride_height, "x", g.stride_width, ", padding ", g.pad_height, "x",
+          g.pad_width, ")");
   border_classes b;
   const bool ok =
       make_bands(g.in_height, g.kernel_height, g.stride_height, g.pad_height, g.out_height(),

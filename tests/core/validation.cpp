@@ -500,3 +500,20 @@ TEST_CASE("validation: a null workspace of nonzero size is an invalid argument, 
   }
   CHECK(y == std::vector<float>(4, -1.0f));
 }
+
+TEST_CASE("validation: workspace_size checks the options and a convolution's geometry") {
+  const bkn::reference_backend b;
+  bkn::options bad;
+  bad.group_size = -2;
+  CHECK_THROWS_AS(bkn::workspace_size(b, bad, {4, 3, 1, 1}), bkn::invalid_argument);
+  bkn::conv2d_geometry g{5, 5, 3, 3, 0, 1, 1, 1};  // a stride of 0 would divide by zero
+  const std::vector<double> w(3 * 2 * 9);
+  const auto A = bkn::transition<double>::conv2d(w, {}, 2, g);
+  try {
+    (void)bkn::workspace_size(b, bkn::options{}, {4, 3, 5, 5}, A);
+    FAIL("no exception");
+  } catch (const bkn::invalid_argument& e) {
+    CHECK(std::string(e.argument()) == "params.transition");
+    CHECK(std::string(e.what()).find("stride 0x1") != std::string::npos);
+  }
+}
