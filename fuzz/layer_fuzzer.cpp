@@ -56,17 +56,6 @@ bool verbose() {
   return on;
 }
 
-/// Known open findings (fuzz/README.md, "Findings") are steered around unless
-/// BKN_FUZZ_KNOWN=1, so that fuzzing goes on (and CI stays meaningful) until they are fixed;
-/// fuzz/findings/ holds their reproducers. Remove the steering with the fix.
-bool avoid_known() {
-  static const bool on = [] {
-    const char* v = std::getenv("BKN_FUZZ_KNOWN");
-    return !(v && *v == '1');
-  }();
-  return on;
-}
-
 /// With BKN_FUZZ_STATS set, what the inputs exercised is printed at exit: how many calls
 /// returned or threw, and how many problems reached the comparison, per mode and transition.
 struct statistics {
@@ -349,7 +338,8 @@ struct problem {
   index_t state_groups = 0, state_channels = 0;
   index_t prior_groups = 0, prior_channels = 0, dprior_groups = 0, dprior_channels = 0;
   index_t dpost_groups = 0, dpost_channels = 0;
-  bool transition_unsafe = false;  // a stride of 0: workspace_size is not asked about it
+  bool transition_unsafe = false;  // a stride of 0: workspace_size must reject it
+  bool options_bad = false;  // workspace_size must reject them
   int workspace_defect = 0;  // 0 none, 1 one byte short, 2 misaligned
   bool finite = true;        // every input value is finite
   bool sane = true;          // every variance given (prior, running) is >= 0, covariances PSD
@@ -665,13 +655,6 @@ problem decode(const std::uint8_t* data, std::size_t size) {
     }
   }
   const bool has_prior = p.prior_groups > 0;
-  // Finding 1: inference from moving averages never validates the transition, yet sizes the
-  // workspace with it: a stride of 0 divides by zero in conv2d_geometry::out_width().
-  if (transition_unsafe && !batch_stats && has_prior && avoid_known()) {
-    p.conv.stride_width = 1;
-    transition_unsafe = false;
-    transition_bad = p.conv.out_height() != p.H || p.conv.out_width() != p.W;
-  }
   p.b.prior_mean.resize(std::size_t(p.prior_groups * p.prior_channels));
   p.b.prior_cov.resize(std::size_t(prior_cov_size));
 
@@ -798,6 +781,7 @@ problem decode(const std::uint8_t* data, std::size_t size) {
     B.must_throw(!weights_kind && !p.b.dbias.empty());
   }
   p.transition_unsafe = transition_unsafe;
+  p.options_bad = options_bad;
 
   // Values, in a fixed order.
   fill(x, in);
@@ -918,6 +902,11 @@ problem decode(const std::uint8_t* data, std::size_t size) {
 
 // ---- running one backend --------------------------------------------------------------------
 
+/// docs/api.md: an invalid_argument's routine() names the routine that rejected the call
+/// (finding 3 of fuzz/README.md, fixed: a convolution rejected while carving the workspace
+/// used to be reported as "bkn::workspace_size").
+constexpr bool kCheckRoutineName = true;
+
 struct outcome {
   enum kind { returned, invalid, nonfinite } result = returned;
   std::string what;
@@ -948,26 +937,21 @@ struct workspace_buffer {
   void poison() { std::memset(memory.get(), 0xFF, allocated); }
 };
 
+/// The workspace for the call, from workspace_size, which must reject invalid options and a
+/// convolution stride of 0 (fuzz/README.md, findings 1 and 2). When it rejects the arguments
+/// the call fails before the workspace matters: any size does.
 template <class Backend>
 std::size_t workspace_bytes(const Backend& backend, const problem& p, const buffers& s) {
-  // Asked only where it is defined: an invalid group size or a stride of 0 has no answer (see
-  // fuzz/README.md), and the call fails before the workspace matters.
   const bool has_prior = p.prior_groups > 0;
-  // Finding 2: workspace_size validates neither the options nor the transition: a negative
-  // group size gives a wrong size (0), a stride of 0 divides by zero.
-  if (!avoid_known() && (p.opt.group_size < 0 || (p.transition_unsafe && has_prior))) {
-    const auto A = has_prior ? p.transition(s) : bkn::transition<double>();
-    try {
-      const std::size_t n = bkn::workspace_size(backend, p.opt, {p.N, p.C, p.H, p.W}, A);
-      fail("bkn::workspace_size accepted an invalid group size or transition and returned " +
-           std::to_string(n));
-    } catch (const bkn::invalid_argument&) {
-    }
-  }
-  if (p.opt.group_size < 0 || (p.transition_unsafe && has_prior)) return 4096;
   const auto A = has_prior ? p.transition(s) : bkn::transition<double>();
   try {
-    return bkn::workspace_size(backend, p.opt, {p.N, p.C, p.H, p.W}, A);
+    const std::size_t n = bkn::workspace_size(backend, p.opt, {p.N, p.C, p.H, p.W}, A);
+    // (Full mode needs no border classes, so it does not look at the geometry.)
+    if (p.options_bad ||
+        (p.transition_unsafe && has_prior && p.opt.mode == bkn::covariance::diagonal))
+      fail("bkn::workspace_size accepted invalid options or a convolution stride of 0 and "
+           "returned " + std::to_string(n));
+    return n;
   } catch (const bkn::invalid_argument&) {
     return 4096;
   }
@@ -997,6 +981,10 @@ outcome call(const char* routine, const problem& p, buffers& s, bool backward_pa
   } catch (const bkn::invalid_argument& e) {
     o.result = outcome::invalid;
     o.what = e.what();
+    if ((kCheckRoutineName || std::getenv("BKN_FUZZ_CHECK_ROUTINE")) &&
+        std::strcmp(e.routine(), routine) != 0)
+      fail(std::string(routine) + " threw an invalid_argument naming " + e.routine() + ": " +
+           e.what());
   } catch (const bkn::nonfinite_input& e) {
     o.result = outcome::nonfinite;
     o.what = e.what();

@@ -4,7 +4,8 @@
     python3 fuzz/make_corpus.py build-fuzz/layer_fuzzer [--seconds 60] [--out fuzz/corpus]
 
 1. Writes the hand-made seeds (SEEDS below, files seed-*): one small layer per transition
-   kind, mode and inference kind, in-place views, special values, an invalid geometry.
+   kind, mode and inference kind, in-place views, special values, an invalid geometry, and
+   the reproducers of the fuzzer's findings.
 2. Fuzzes for --seconds from them.
 3. Minimizes everything with libFuzzer's -merge=1 on coverage edges (-use_counters=0).
 4. Keeps the seeds, then greedily the merged inputs that add the most edges not yet covered,
@@ -59,6 +60,11 @@ SEEDS = {
                                  bytes([0xE3, 0xE5, 0xE4, 0xEA, 0x70, 0x10, 0xE6, 0xE9])),
     # invalid calls (must throw, nothing written)
     "invalid-transition-geometry": {TRANSITION: 5, TRANSITION_DEFECT: 7 + 8 * 3},
+    # regressions (fuzz/README.md, "Findings"): a conv2d stride of 0 in inference from moving
+    # averages (divided by zero), and workspace_size with a group size of -1 (returned 0)
+    "regression-1-running-inference-stride0": {TRAINING: 2, TRANSITION: 5,
+                                               TRANSITION_DEFECT: 7 + 8 * 1},
+    "regression-2-workspace-size-negative-group": {GROUP: 6},
 }
 
 

@@ -89,14 +89,15 @@ struct layer_workspace {
 template <class Backend, class P, class Q>
 layer_workspace<P> carve_workspace(workspace_arena& arena, const Backend& backend,
                                    const options& opt, const tensor_shape& x,
-                                   index_t group_size, const transition<Q>& A) {
+                                   index_t group_size, const transition<Q>& A,
+                                   const char* routine = "bkn::workspace_size") {
   const index_t C = x.channels;
   const index_t G = group_size > 0 ? x.batch / group_size : 0;
   const bool full = opt.mode == covariance::full;
   const index_t in_channels = A.input_channels(C) > 0 ? A.input_channels(C) : C;
   const index_t wide = C > in_channels ? C : in_channels;
   const bool through_weights = A.kind == transition_kind::weights && !full;
-  const index_t K = through_weights ? make_border_classes(A.conv).count() : 0;
+  const index_t K = through_weights ? make_border_classes(A.conv, routine).count() : 0;
   layer_workspace<P> w;
   w.var = arena.take<P>(full ? G * C : 0);
   w.a = arena.take<P>(G * C);

@@ -401,10 +401,10 @@ layer_workspace<P> carve_checked(const char* routine, const Backend& backend, co
                                  const tensor_shape& shape, index_t group_size,
                                  const transition<P>& A, span<std::byte> workspace) {
   workspace_arena measure;
-  carve_workspace<Backend, P>(measure, backend, opt, shape, group_size, A);
+  carve_workspace<Backend, P>(measure, backend, opt, shape, group_size, A, routine);
   check_workspace(routine, workspace, measure.used());
   workspace_arena arena(workspace);
-  return carve_workspace<Backend, P>(arena, backend, opt, shape, group_size, A);
+  return carve_workspace<Backend, P>(arena, backend, opt, shape, group_size, A, routine);
 }
 
 }  // namespace detail

@@ -29,7 +29,6 @@ using P = double;
 using vec = std::vector<P>;
 using geometry = bkn::conv2d_geometry;
 
-constexpr double kPi = 3.14159265358979323846;
 
 using bkn_test::check_gradient;
 using bkn_test::kNonTrivial;

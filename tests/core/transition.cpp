@@ -27,7 +27,6 @@ using P = double;
 using vec = std::vector<P>;
 using geometry = bkn::conv2d_geometry;
 
-constexpr double kPi = 3.14159265358979323846;
 
 /// A host layer: W (C x C' x kh x kw, PyTorch's layout), b (C), its geometry.
 struct host_layer {

@@ -517,3 +517,24 @@ TEST_CASE("validation: workspace_size checks the options and a convolution's geo
     CHECK(std::string(e.what()).find("stride 0x1") != std::string::npos);
   }
 }
+
+TEST_CASE("validation: an invalid convolution in running-statistics inference names forward") {
+  bkn::options opt;
+  opt.training = false;
+  std::vector<double> w(1, 1.0), x(2, 1.0), y(2), mean(1, 0.0), var(1, 1.0), pm(1, 0.0), pv(1, 1.0);
+  bkn::conv2d_geometry g;
+  g.stride_width = 0;
+  bkn::layer<double> L;
+  L.params.transition = bkn::transition<double>::conv2d(w, {}, 1, g, bkn::activation::relu);
+  L.running.mean = mean;
+  L.running.var = var;
+  bkn::host_workspace ws(1 << 16);
+  try {
+    bkn::forward(bkn::reference_backend{}, opt, L, bkn::nc(x.data(), 2, 1), bkn::nc(y.data(), 2, 1),
+                 bkn::gaussian_view<const double>({pm.data(), 1}, {pv.data(), 1}, 1, 1), ws.bytes());
+    FAIL("no exception");
+  } catch (const bkn::invalid_argument& e) {
+    CHECK(std::string(e.routine()) == "bkn::forward");
+    CHECK(std::string(e.argument()) == "params.transition");
+  }
+}
