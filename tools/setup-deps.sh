@@ -10,6 +10,10 @@ packages=(
   doctest-dev      # tests
   libbenchmark-dev # bench/
   gnuplot-nox      # plots of the examples
+  zlib1g-dev       # examples/mlp reads the gzipped IDX files
+  dataset-fashion-mnist # examples/mlp: the real data the demo trains on by default
+  libtorch-dev     # peer: cross-check tests, examples/libtorch, benchmarks
+  libdnnl-dev      # peer: oneDNN's batch normalization in bench/
 )
 
 if ! command -v dpkg-query >/dev/null; then
