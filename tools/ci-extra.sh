@@ -76,7 +76,7 @@ else
   asan_dir=${BKN_ASAN_DIR:-build-asan}
   configure "$asan_dir" -DBKN_SANITIZE=address,undefined -DBKN_BUILD_BENCHMARKS=OFF \
     -DBKN_BUILD_EXAMPLES=OFF -DCMAKE_PREFIX_PATH="$kokkos_prefix" -DBKN_ENABLE_KOKKOS=ON \
-    -DBKN_ENABLE_CUDA=OFF -DBKN_WARNINGS_AS_ERRORS=OFF
+    -DBKN_ENABLE_CUDA=OFF -DBKN_USE_TORCH=OFF -DBKN_WARNINGS_AS_ERRORS=OFF
   cmake --build "$asan_dir" -j "$jobs"
   built=$(elapsed "$start")
   section "asan: ctest ${BKN_ASAN_CTEST_ARGS--LE packaging}"
@@ -107,7 +107,7 @@ else
   if [[ $fuzz_source == "$PWD" ]]; then
     configure "$fuzz_dir" -DBKN_BUILD_FUZZERS=ON -DBKN_BUILD_TESTS=OFF \
       -DBKN_BUILD_BENCHMARKS=OFF -DBKN_BUILD_EXAMPLES=OFF -DBKN_INSTALL=OFF \
-      -DBKN_ENABLE_KOKKOS=OFF -DBKN_ENABLE_CUDA=OFF
+      -DBKN_ENABLE_KOKKOS=OFF -DBKN_ENABLE_CUDA=OFF -DBKN_USE_TORCH=OFF
   else
     # Until the top-level CMakeLists.txt adds fuzz/, fuzz/ builds as its own project.
     args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++)

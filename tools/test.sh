@@ -28,3 +28,8 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 # device" on machines without a GPU.
 run_suite "${BKN_BUILD_DIR:-build}" -DCMAKE_PREFIX_PATH="$kokkos_prefix" -DBKN_ENABLE_KOKKOS=ON \
   -DBKN_ENABLE_CUDA=ON
+
+# The reliability jobs (issue #9): the same suite under AddressSanitizer + UndefinedBehavior-
+# Sanitizer (clang, build-asan/), then the libFuzzer target for a bounded time from the
+# committed corpus (build-fuzz/). BKN_SKIP_ASAN=1 / BKN_SKIP_FUZZ=1 skip them locally.
+BKN_KOKKOS_PREFIX="$kokkos_prefix" ./tools/ci-extra.sh
