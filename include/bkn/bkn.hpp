@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// The core of bkn: tensor views, options, the Kalman steps, forward, backward and the chain.
-// Include a backend's header beside it, e.g. <bkn/backends/reference.hpp>.
+// The core of bkn: tensor views, options, the Kalman steps, forward, backward, the chain, and the
+// other normalization methods. Include a backend's header beside it, e.g. <bkn/backends/reference.hpp>.
 #pragma once
 
 #include "bkn/backend.hpp"
@@ -13,6 +13,11 @@
 #include "bkn/layer.hpp"
 #include "bkn/math/kalman.hpp"
 #include "bkn/math/welford.hpp"
+#include "bkn/methods/batch_norm.hpp"
+#include "bkn/methods/batch_renorm.hpp"
+#include "bkn/methods/filter_response_norm.hpp"
+#include "bkn/methods/group_norm.hpp"
+#include "bkn/methods/memorized_batch_norm.hpp"
 #include "bkn/options.hpp"
 #include "bkn/span.hpp"
 #include "bkn/steps.hpp"
