@@ -11,6 +11,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bkn/backends/reference.hpp"
@@ -92,8 +93,27 @@ struct run_result {
   std::vector<std::vector<P>> per_channel;  // states, running stats, gradients, d(prior)
 };
 
-template <class Backend, class T, class P>
-run_result<T, P> run_layer(const Backend& backend, const layer_case& c, std::uint32_t seed) {
+/// Everything one case draws (parameters, states, prior, x and dy), drawn once so that two runs
+/// (two backends, or host and device memory) can see the same inputs.
+template <class P>
+struct layer_inputs {
+  layer_case c;
+  bkn::options opt;
+  index_t in_channels;
+  bkn::layer_storage<P> storage;
+  prior_buffers<P> prior;
+  std::vector<double> x, dy;  // (n, c, pixel) order
+};
+
+/// Leaves a drawn value as it is; a backend with narrower storage passes its own rounding.
+struct exact {
+  double operator()(double v) const { return v; }
+};
+
+/// A case's inputs from `seed`; each x and dy value goes through `round` (e.g. to the values a
+/// 16-bit storage type can hold, so that a reference in float reads exactly the same numbers).
+template <class P, class Round = exact>
+layer_inputs<P> draw(const layer_case& c, std::uint32_t seed, Round round = {}) {
   std::mt19937 rng(seed);
   std::normal_distribution<double> normal;
   const index_t G = c.batch / c.group_size;
@@ -111,7 +131,8 @@ run_result<T, P> run_layer(const Backend& backend, const layer_case& c, std::uin
   cfg.transition = c.transition;
   cfg.in_channels = Cin;
   cfg.per_channel_gain = c.per_channel_gain;
-  bkn::layer_storage<P> s(cfg);
+  layer_inputs<P> in{c, opt, Cin, bkn::layer_storage<P>(cfg), {}, {}, {}};
+  bkn::layer_storage<P>& s = in.storage;
   for (auto& v : s.gamma) v = P(1 + 0.2 * normal(rng));
   for (auto& v : s.beta) v = P(normal(rng));
   for (auto& v : s.gain_logit) v = P(normal(rng));
@@ -121,7 +142,7 @@ run_result<T, P> run_layer(const Backend& backend, const layer_case& c, std::uin
   for (auto& v : s.dposterior_mean) v = P(0.1 * normal(rng));
   for (auto& v : s.dposterior_cov) v = P(0.1 * normal(rng));
 
-  prior_buffers<P> prior;
+  prior_buffers<P>& prior = in.prior;
   if (c.prior) {
     prior.groups = G;
     prior.channels = Cin;
@@ -139,31 +160,84 @@ run_result<T, P> run_layer(const Backend& backend, const layer_case& c, std::uin
       }
   }
 
-  tensor<T> x(c, T(0)), y(c, T(-7)), dy(c, T(0)), dx(c, T(-7));
   for (index_t n = 0; n < c.batch; ++n)
     for (index_t ch = 0; ch < c.channels; ++ch)
       for (index_t k = 0; k < c.height * c.width; ++k) {
-        x.view.at(n, ch, k) = T(3 + 2 * normal(rng) + 0.1 * double(ch));
-        dy.view.at(n, ch, k) = T(normal(rng));
+        in.x.push_back(round(3 + 2 * normal(rng) + 0.1 * double(ch)));
+        in.dy.push_back(round(normal(rng)));
       }
+  return in;
+}
 
-  bkn::host_workspace ws(bkn::workspace_size(backend, opt, x.view.shape(), Cin));
-  const bkn::layer<P> L = s.view();
-  bkn::forward(backend, opt, L, x.cview(), y.view, prior.view(), ws.bytes());
-  bkn::backward(backend, opt, L, x.cview(), dy.cview(), dx.view, prior.view(),
-                prior.gradient(), ws.bytes());
+/// Writes `values` ((n, c, pixel) order) into the view of `t`, converted to T.
+template <class T>
+void fill(tensor<T>& t, const std::vector<double>& values) {
+  std::size_t i = 0;
+  const bkn::tensor_shape& s = t.view.shape();
+  for (index_t n = 0; n < s.batch; ++n)
+    for (index_t ch = 0; ch < s.channels; ++ch)
+      for (index_t k = 0; k < s.spatial(); ++k) t.view.at(n, ch, k) = T(values[i++]);
+}
+
+/// The per-channel arrays a run reports (states, running stats, gradients, d(prior)), in order.
+template <class P>
+std::vector<std::vector<P>*> reported(layer_inputs<P>& in) {
+  bkn::layer_storage<P>& s = in.storage;
+  std::vector<std::vector<P>*> r = {&s.observed_mean, &s.observed_cov, &s.posterior_mean,
+                                    &s.posterior_cov,  &s.running_mean, &s.running_var,
+                                    &s.dgamma,         &s.dbeta};
+  if (in.c.prior)
+    for (auto* v : {&s.predicted_mean, &s.predicted_cov, &s.dgain_logit, &s.dtransition_weights,
+                    &s.dnoise, &in.prior.dmean, &in.prior.dcov})
+      r.push_back(v);
+  return r;
+}
+
+/// A layer's forward and backward on `backend` in host memory, from drawn inputs.
+template <class Backend, class T, class P>
+run_result<T, P> run_layer(const Backend& backend, layer_inputs<P> in) {
+  const layer_case& c = in.c;
+  tensor<T> x(c, T(0)), y(c, T(-7)), dy(c, T(0)), dx(c, T(-7));
+  fill(x, in.x);
+  fill(dy, in.dy);
+  bkn::host_workspace ws(bkn::workspace_size(backend, in.opt, x.view.shape(), in.in_channels));
+  const bkn::layer<P> L = in.storage.view();
+  bkn::forward(backend, in.opt, L, x.cview(), y.view, in.prior.view(), ws.bytes());
+  bkn::backward(backend, in.opt, L, x.cview(), dy.cview(), dx.view, in.prior.view(),
+                in.prior.gradient(), ws.bytes());
 
   run_result<T, P> r;
   r.y = y.memory;
   r.dx = dx.memory;
-  r.per_channel = {s.observed_mean, s.observed_cov, s.posterior_mean, s.posterior_cov,
-                   s.running_mean, s.running_var, s.dgamma, s.dbeta};
-  if (c.prior) {
-    for (const auto* v : {&s.predicted_mean, &s.predicted_cov, &s.dgain_logit,
-                          &s.dtransition_weights, &s.dnoise, &prior.dmean, &prior.dcov})
-      r.per_channel.push_back(*v);
-  }
+  for (const auto* v : reported(in)) r.per_channel.push_back(*v);
   return r;
+}
+
+template <class Backend, class T, class P>
+run_result<T, P> run_layer(const Backend& backend, const layer_case& c, std::uint32_t seed) {
+  return run_layer<Backend, T, P>(backend, draw<P>(c, seed));
+}
+
+/// v as a double; class types (CUDA's __half, __nv_bfloat16) through their conversion to float.
+template <class V>
+double to_double(V v) {
+  if constexpr (std::is_arithmetic_v<V>) return double(v);
+  else return double(static_cast<float>(v));
+}
+
+template <class V>
+std::vector<double> to_double(const std::vector<V>& v) {
+  std::vector<double> r(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) r[i] = to_double(v[i]);
+  return r;
+}
+
+/// A run's outputs widened to double, to compare runs of different element types.
+template <class T, class P>
+run_result<double, double> widened(const run_result<T, P>& r) {
+  run_result<double, double> w{to_double(r.y), to_double(r.dx), {}};
+  for (const auto& v : r.per_channel) w.per_channel.push_back(to_double(v));
+  return w;
 }
 
 /// Max |a - b| / (max |b| + tiny) over a vector: the error relative to the vector's scale.
@@ -223,6 +297,26 @@ inline std::vector<layer_case> sweep(std::size_t count) {
   return cases;
 }
 
+/// Every output of `got` within `tolerance` of `want`, relative to each output's largest
+/// magnitude.
+template <class T, class P>
+void check_close(const run_result<T, P>& got, const run_result<T, P>& want, double tolerance) {
+  CHECK(relative_error(got.y, want.y) <= tolerance);
+  CHECK(relative_error(got.dx, want.dx) <= tolerance);
+  REQUIRE(got.per_channel.size() == want.per_channel.size());
+  for (std::size_t k = 0; k < got.per_channel.size(); ++k) {
+    CAPTURE(k);
+    CHECK(relative_error(got.per_channel[k], want.per_channel[k]) <= tolerance);
+  }
+}
+
+template <class T, class P>
+void check_identical(const run_result<T, P>& a, const run_result<T, P>& b) {
+  CHECK(a.y == b.y);
+  CHECK(a.dx == b.dx);
+  CHECK(a.per_channel == b.per_channel);
+}
+
 /// Runs every case on `backend` and on the reference backend and compares all outputs.
 /// Tolerances: double results agree to ~1e-10 relative (different summation orders of up to
 /// 32 * 49 terms, then O(C) per-channel algebra); float results to 2e-4 relative to each
@@ -235,15 +329,9 @@ void check_against_reference(const Backend& backend, std::size_t count) {
   for (const layer_case& c : sweep(count)) {
     const std::string name = describe(c);
     CAPTURE(name);
-    const auto got = run_layer<Backend, T, P>(backend, c, 11);
-    const auto want = run_layer<bkn::reference_backend, T, P>(bkn::reference_backend{}, c, 11);
-    CHECK(relative_error(got.y, want.y) <= tolerance);
-    CHECK(relative_error(got.dx, want.dx) <= tolerance);
-    REQUIRE(got.per_channel.size() == want.per_channel.size());
-    for (std::size_t k = 0; k < got.per_channel.size(); ++k) {
-      CAPTURE(k);
-      CHECK(relative_error(got.per_channel[k], want.per_channel[k]) <= tolerance);
-    }
+    check_close(run_layer<Backend, T, P>(backend, c, 11),
+                run_layer<bkn::reference_backend, T, P>(bkn::reference_backend{}, c, 11),
+                tolerance);
   }
 }
 
@@ -253,12 +341,25 @@ void check_deterministic(const Backend& backend, std::size_t count) {
   for (const layer_case& c : sweep(count)) {
     const std::string name = describe(c);
     CAPTURE(name);
-    const auto a = run_layer<Backend, T, T>(backend, c, 5);
-    const auto b = run_layer<Backend, T, T>(backend, c, 5);
-    CHECK(a.y == b.y);
-    CHECK(a.dx == b.dx);
-    CHECK(a.per_channel == b.per_channel);
+    check_identical(run_layer<Backend, T, T>(backend, c, 5),
+                    run_layer<Backend, T, T>(backend, c, 5));
   }
+}
+
+/// backward's inference path sums over the whole batch with the workspace sized for the layer's
+/// group size: a backend's scratch for a group size must cover every multiple of it.
+template <class Backend>
+void check_scratch_covers_multiples(const Backend& backend) {
+  using K = bkn::kernels<Backend>;
+  for (index_t W : {1, 3, 7, 100, 511, 513, 2000})
+    for (index_t H : {1, 5, 37})
+      for (index_t group_size : {1, 2, 3, 5})
+        for (index_t multiple : {1, 2, 3, 8}) {
+          const bkn::tensor_shape s{group_size * multiple * 4, 3, H, W};
+          for (auto mode : {bkn::covariance::diagonal, bkn::covariance::full})
+            REQUIRE(K::scratch_bytes(backend, s, group_size, mode) >=
+                    K::scratch_bytes(backend, s, group_size * multiple, mode));
+        }
 }
 
 }  // namespace conformance
