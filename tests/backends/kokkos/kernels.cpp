@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "../conformance.hpp"
 #include "bkn/backends/kokkos.hpp"
 #include "bkn/backends/reference.hpp"
 #include "bkn/bkn.hpp"
@@ -367,15 +368,7 @@ TEST_CASE_TEMPLATE("kokkos backend: float32 statistics far from zero keep their 
 TEST_CASE("kokkos backend: scratch for a group size covers its multiples") {
   using K = kernels<bkn::kokkos_backend<Kokkos::DefaultHostExecutionSpace>>;
   const bkn::kokkos_backend<Kokkos::DefaultHostExecutionSpace> b{};
-  for (index_t W : {1, 3, 7, 100, 511, 513, 2000})
-    for (index_t H : {1, 5, 37})
-      for (index_t group_size : {1, 2, 3, 5})
-        for (index_t multiple : {1, 2, 3, 8}) {
-          const bkn::tensor_shape s{group_size * multiple * 4, 3, H, W};
-          for (auto mode : {bkn::covariance::diagonal, bkn::covariance::full})
-            REQUIRE(K::scratch_bytes(b, s, group_size, mode) >=
-                    K::scratch_bytes(b, s, group_size * multiple, mode));
-        }
+  conformance::check_scratch_covers_multiples(b);
   std::mt19937 rng(5);
   tensor<double> x(layout::nhwc, 24, 3, 9, 70), dy(layout::nchw, 24, 3, 9, 70);
   fill(x, rng, 2, 1);
