@@ -269,7 +269,10 @@ TEST_CASE_TEMPLATE(
     p.opt.momentum = 0.2;
     // A host's schedule: batch normalization first, then looser bounds step by step. The
     // moving averages move between the steps; r and d use them as they were before each.
-    for (const auto& [r_max, d_max] : {std::pair{1.0, 0.0}, {1.3, 0.1}, {2.0, 0.5}, {inf, inf}}) {
+    for (const std::pair<double, double>& bounds :
+         {std::pair{1.0, 0.0}, {1.3, 0.1}, {2.0, 0.5}, {inf, inf}}) {
+      // Not a structured binding: CAPTURE's lambda cannot name one before C++20 (clang 14).
+      const double r_max = bounds.first, d_max = bounds.second;
       CAPTURE(describe(sc));
       CAPTURE(r_max);
       p.opt.r_max = r_max;
