@@ -25,8 +25,10 @@ struct diag_backward_op {
   const P *sum_dy, *sum_dy_centred, *dpost_mean, *dpost_var;
   P *a, *b, *k, *dq, *dmean_pred, *dvar_pred;
 
-  BKN_HOST_DEVICE void operator()(index_t i) const {
-    const index_t c = i % channels;
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    const index_t i = g * channels + c;
     math::diag_backward_in<double> in;
     in.count = count;
     in.q = gain_at(gain, i);
@@ -133,6 +135,9 @@ struct parameter_gradients_op {
   index_t groups, channels, cov_stride;
   const P *post_cov, *sum_dy, *sum_dy_centred, *dq, *gain_slope, *dcov_pred, *noise;
   P *dgamma, *dbeta, *dgain, *dnoise;  // null: not wanted
+  // Set: dnoise receives sum dSigma_pred only; noise_gradient_op applies dr/drho afterwards
+  // (its exp keeps this loop from vectorizing).
+  bool noise_later;
 
   BKN_HOST_DEVICE void operator()(index_t c) const {
     using std::sqrt;
@@ -148,19 +153,73 @@ struct parameter_gradients_op {
     if (dgamma) dgamma[c] = P(sg);
     if (dbeta) dbeta[c] = P(sb);
     if (dgain) dgain[c] = P(sq);
-    if (dnoise) dnoise[c] = P(sn * math::sigmoid(double(noise[c])));
+    if (dnoise) dnoise[c] = P(noise_later ? sn : sn * math::sigmoid(double(noise[c])));
   }
 };
 
-/// The gradient of a per-layer gain: sum of every (g, c) part, in a fixed order.
+/// parameter_gradients_op over a block of channel_block channels per item, for_each'd over
+/// blocks(): the groups in the outer loop, the block's channels (one vector) in the inner one,
+/// each output summed in the same order as one channel at a time.
+inline constexpr index_t channel_block = 8;
+
+template <class P>
+struct parameter_gradient_blocks_op {
+  parameter_gradients_op<P> op;
+
+  BKN_HOST_DEVICE index_t blocks() const {
+    return (op.channels + channel_block - 1) / channel_block;
+  }
+  BKN_HOST_DEVICE void operator()(index_t b) const {
+    using std::sqrt;
+    const index_t c0 = b * channel_block, C = op.channels;
+    if (c0 + channel_block > C) {  // the last, partial block
+      for (index_t c = c0; c < C; ++c) op(c);
+      return;
+    }
+    double sg[channel_block] = {}, sb[channel_block] = {}, sq[channel_block] = {},
+           sn[channel_block] = {};
+    for (index_t g = 0; g < op.groups; ++g) {
+      const index_t i = g * C + c0;
+      const index_t d = op.cov_stride == 1 ? i : g * C * C + c0 * op.cov_stride;
+      for (index_t j = 0; j < channel_block; ++j) {
+        const index_t dj = d + j * op.cov_stride;
+        sg[j] += double(op.sum_dy_centred[i + j]) / sqrt(double(op.post_cov[dj]) + op.epsilon);
+        sb[j] += double(op.sum_dy[i + j]);
+        if (op.dgain) sq[j] += double(op.dq[i + j]) * double(op.gain_slope[i + j]);
+        if (op.dnoise) sn[j] += double(op.dcov_pred[dj]);
+      }
+    }
+    for (index_t j = 0; j < channel_block; ++j) {
+      const index_t c = c0 + j;
+      if (op.dgamma) op.dgamma[c] = P(sg[j]);
+      if (op.dbeta) op.dbeta[c] = P(sb[j]);
+      if (op.dgain) op.dgain[c] = P(sq[j]);
+      if (op.dnoise)
+        op.dnoise[c] = P(op.noise_later ? sn[j] : sn[j] * math::sigmoid(double(op.noise[c])));
+    }
+  }
+};
+
+/// dnoise = sum dSigma_pred (written by parameter_gradients_op) times dr/drho = sigmoid(rho).
+template <class P>
+struct noise_gradient_op {
+  const P* noise;
+  P* dnoise;
+  BKN_HOST_DEVICE void operator()(index_t c) const {
+    dnoise[c] = P(double(dnoise[c]) * math::sigmoid(double(noise[c])));
+  }
+};
+
+/// The gradient of a per-layer gain: the sum of its per-channel parts (each summed over the
+/// groups by parameter_gradients_op), in a fixed order.
 template <class P>
 struct scalar_gain_gradient_op {
-  const P *dq, *gain_slope;
-  index_t count;
+  const P* per_channel;
+  index_t channels;
   P* dgain;
   BKN_HOST_DEVICE void operator()(index_t) const {
     double s = 0;
-    for (index_t i = 0; i < count; ++i) s += double(dq[i]) * double(gain_slope[i]);
+    for (index_t c = 0; c < channels; ++c) s += double(per_channel[c]);
     dgain[0] = P(s);
   }
 };
@@ -176,8 +235,10 @@ struct transition_backward_op {
   const P *dmean_pred, *dvar_pred;  // dvar_pred null in full mode
   P *dprior_mean, *dprior_var;
 
-  BKN_HOST_DEVICE void operator()(index_t e) const {
-    const index_t gp = e / in_channels, k = e % in_channels;
+  BKN_HOST_DEVICE index_t grid_width() const { return in_channels; }
+  BKN_HOST_DEVICE void operator()(index_t e) const { at(e / in_channels, e % in_channels); }
+  BKN_HOST_DEVICE void at(index_t gp, index_t k) const {
+    const index_t e = gp * in_channels + k;
     const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
     double dm = 0, dv = 0;
     for (index_t g = first; g < last; ++g) {
@@ -210,9 +271,15 @@ struct transition_gradient_op {
   P* dweights;
   bool accumulate;
 
-  BKN_HOST_DEVICE void operator()(index_t e) const {
+  // Rows of dense A's C x C' weights; a diagonal A is one row of C.
+  BKN_HOST_DEVICE index_t grid_width() const {
+    return kind == transition_kind::dense ? in_channels : channels;
+  }
+  BKN_HOST_DEVICE void operator()(index_t e) const { at(e / grid_width(), e % grid_width()); }
+  BKN_HOST_DEVICE void at(index_t row, index_t col) const {
     const bool dense = kind == transition_kind::dense;
-    const index_t c = dense ? e / in_channels : e, k = dense ? e % in_channels : e;
+    const index_t e = row * grid_width() + col;
+    const index_t c = dense ? row : col, k = col;
     const double a = double(weights[e]);
     double s = accumulate ? double(dweights[e]) : 0.0;
     for (index_t g = 0; g < groups; ++g) {
@@ -222,6 +289,80 @@ struct transition_gradient_op {
         s += 2 * a * double(dvar_pred[g * channels + c]) * double(prior_var[base + k]);
     }
     dweights[e] = P(s);
+  }
+};
+
+/// Channels of the previous layer per item of the dense transition's backward: a block of them
+/// reads a contiguous piece of each row of A (one vector), where one of them alone would walk a
+/// column of A, C' values apart.
+inline constexpr index_t dense_block = 8;
+
+/// transition_backward_op for a dense A, per (prior group g', block of dense_block channels k):
+/// each output summed in the same order.
+template <class P>
+struct dense_transition_backward_op {
+  const P* weights;
+  index_t groups, prior_groups, channels, in_channels;
+  const P *dmean_pred, *dvar_pred;  // dvar_pred null in full mode
+  P *dprior_mean, *dprior_var;
+
+  BKN_HOST_DEVICE index_t blocks() const { return (in_channels + dense_block - 1) / dense_block; }
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t gp = e / blocks(), k0 = e % blocks() * dense_block;
+    const index_t n = in_channels - k0 < dense_block ? in_channels - k0 : dense_block;
+    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
+    double dm[dense_block] = {}, dv[dense_block] = {};
+    for (index_t g = first; g < last; ++g)
+      for (index_t c = 0; c < channels; ++c) {
+        const P* a = weights + c * in_channels + k0;
+        const double d = double(dmean_pred[g * channels + c]);
+        const double v = dvar_pred ? double(dvar_pred[g * channels + c]) : 0.0;
+        if (n == dense_block) {
+          for (index_t j = 0; j < dense_block; ++j) {
+            dm[j] += double(a[j]) * d;
+            dv[j] += double(a[j]) * double(a[j]) * v;
+          }
+        } else {
+          for (index_t j = 0; j < n; ++j) {
+            dm[j] += double(a[j]) * d;
+            dv[j] += double(a[j]) * double(a[j]) * v;
+          }
+        }
+      }
+    for (index_t j = 0; j < n; ++j) {
+      dprior_mean[gp * in_channels + k0 + j] = P(dm[j]);
+      if (dvar_pred) dprior_var[gp * in_channels + k0 + j] = P(dv[j]);
+    }
+  }
+};
+
+/// transition_gradient_op for a dense A, per (row c, block of dense_block columns k).
+template <class P>
+struct dense_transition_gradient_op {
+  const P* weights;
+  index_t groups, prior_groups, channels, in_channels;
+  const P *dmean_pred, *dvar_pred, *prior_mean, *prior_var;  // *var null in full mode
+  P* dweights;
+  bool accumulate;
+
+  BKN_HOST_DEVICE index_t blocks() const { return (in_channels + dense_block - 1) / dense_block; }
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t c = e / blocks(), k0 = e % blocks() * dense_block;
+    const index_t n = in_channels - k0 < dense_block ? in_channels - k0 : dense_block;
+    P* out = dweights + c * in_channels + k0;
+    const P* a = weights + c * in_channels + k0;
+    double s[dense_block] = {};
+    for (index_t j = 0; j < n; ++j) s[j] = accumulate ? double(out[j]) : 0.0;
+    for (index_t g = 0; g < groups; ++g) {
+      const index_t base = (prior_groups == 1 ? 0 : g) * in_channels + k0;
+      const double d = double(dmean_pred[g * channels + c]);
+      const double v = dvar_pred ? double(dvar_pred[g * channels + c]) : 0.0;
+      for (index_t j = 0; j < n; ++j) {
+        s[j] += d * double(prior_mean[base + j]);
+        if (dvar_pred) s[j] += 2 * double(a[j]) * v * double(prior_var[base + j]);
+      }
+    }
+    for (index_t j = 0; j < n; ++j) out[j] = P(s[j]);
   }
 };
 
@@ -418,12 +559,20 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
   const P* dvar_pred = full ? nullptr : w.dcov_predicted.data();
   if (host_weights && !dbias.empty())
     K::for_each(backend, C, bias_gradient_op<P>{G, 1, C, w.dmean_predicted.data(), dbias.data()});
+  if (!dweights.empty() && kind == transition_kind::dense) {
+    const dense_transition_gradient_op<P> op{A.weights.data(), G, PG, C, Cin,
+                                             w.dmean_predicted.data(), dvar_pred,
+                                             prior.mean.data(), full ? nullptr : prior.cov.data(),
+                                             dweights.data(), host_weights};
+    K::for_each(backend, C * op.blocks(), op);
+  }
   if (!dweights.empty() && kind != transition_kind::identity) {
-    K::for_each(backend, A.weight_count(C),
-                transition_gradient_op<P>{kind, A.weights.data(), G, PG, C, Cin,
-                                          w.dmean_predicted.data(), dvar_pred,
-                                          prior.mean.data(), full ? nullptr : prior.cov.data(),
-                                          dweights.data(), host_weights});
+    if (kind != transition_kind::dense)
+      K::for_each(backend, A.weight_count(C),
+                  transition_gradient_op<P>{kind, A.weights.data(), G, PG, C, Cin,
+                                            w.dmean_predicted.data(), dvar_pred,
+                                            prior.mean.data(), full ? nullptr : prior.cov.data(),
+                                            dweights.data(), host_weights});
     if (full && kind == transition_kind::diagonal)
       K::for_each(backend, C,
                   diagonal_transition_cov_gradient_op<P>{A.weights.data(), G, PG, C,
@@ -451,10 +600,17 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
     }
   }
   if (dprior.empty()) return;
-  K::for_each(backend, PG * Cin,
-              transition_backward_op<P>{kind, A.weights.data(), G, PG, C, Cin,
-                                        w.dmean_predicted.data(), dvar_pred, dprior.mean.data(),
-                                        full ? nullptr : dprior.cov.data()});
+  if (kind == transition_kind::dense) {
+    const dense_transition_backward_op<P> op{A.weights.data(), G, PG, C, Cin,
+                                             w.dmean_predicted.data(), dvar_pred,
+                                             dprior.mean.data(), full ? nullptr : dprior.cov.data()};
+    K::for_each(backend, PG * op.blocks(), op);
+  } else {
+    K::for_each(backend, PG * Cin,
+                transition_backward_op<P>{kind, A.weights.data(), G, PG, C, Cin,
+                                          w.dmean_predicted.data(), dvar_pred,
+                                          dprior.mean.data(), full ? nullptr : dprior.cov.data()});
+  }
   if (!full) return;
   if (kind != transition_kind::dense) {
     K::for_each(backend, PG * Cin * Cin,
@@ -577,7 +733,7 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
                                                   w.sum_dy.data(), w.sum_dy_centred.data(),
                                                   nullptr, nullptr, nullptr, nullptr,
                                                   or_null(d.gamma), or_null(d.beta), nullptr,
-                                                  nullptr});
+                                                  nullptr, false});
     return;
   }
 
@@ -588,7 +744,9 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   if (has_prior)
     detail::compute_gains(backend, opt, p.gain_logit, predicted,
                           gaussian_view<const P>(s.observed), w);
-  const P* gain = has_prior ? w.gain.data() : nullptr;
+  else  // q = 1, as an array rather than a null pointer (see forward)
+    K::for_each(backend, G * C, detail::fill_op<P>{w.gain.data(), P(1)});
+  const P* gain = w.gain.data();
   K::sums(backend, dy, x, span<const P>(s.posterior.mean), group_size, w.sum_dy,
           w.sum_dy_centred, w.scratch);
   const P* dpost_mean = s.dposterior.empty() ? nullptr : s.dposterior.mean.data();
@@ -627,19 +785,22 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
 
   const bool per_channel_gain =
       has_prior && p.gain_logit.size() == C && !d.gain_logit.empty() && !full && C > 1;
-  K::for_each(backend, C,
-              detail::parameter_gradients_op<P>{
-                  opt.epsilon, G, C, full ? C + 1 : 1, s.posterior.cov.data(), w.sum_dy.data(),
-                  w.sum_dy_centred.data(), w.dq.data(), w.gain_slope.data(),
-                  w.dcov_predicted.data(),
-                  p.noise.empty() ? nullptr : p.noise.data(), or_null(d.gamma), or_null(d.beta),
-                  per_channel_gain ? d.gain_logit.data() : nullptr,
-                  has_prior ? or_null(d.noise) : nullptr});
+  const bool scalar_gain = has_prior && !d.gain_logit.empty() && !per_channel_gain;
+  P* dnoise = has_prior ? or_null(d.noise) : nullptr;
+  // A per-layer gain's gradient is summed per channel first, into w.a (dx's pass has run).
+  const detail::parameter_gradient_blocks_op<P> gradients{detail::parameter_gradients_op<P>{
+      opt.epsilon, G, C, full ? C + 1 : 1, s.posterior.cov.data(), w.sum_dy.data(),
+      w.sum_dy_centred.data(), w.dq.data(), w.gain_slope.data(), w.dcov_predicted.data(),
+      p.noise.empty() ? nullptr : p.noise.data(), or_null(d.gamma), or_null(d.beta),
+      per_channel_gain ? d.gain_logit.data() : scalar_gain ? w.a.data() : nullptr, dnoise,
+      true}};
+  K::for_each(backend, gradients.blocks(), gradients);
+  if (dnoise != nullptr)
+    K::for_each(backend, C, detail::noise_gradient_op<P>{p.noise.data(), dnoise});
   if (!has_prior) return;
-  if (!d.gain_logit.empty() && !per_channel_gain)
+  if (scalar_gain)
     K::for_each(backend, 1,
-                detail::scalar_gain_gradient_op<P>{w.dq.data(), w.gain_slope.data(), G * C,
-                                                   d.gain_logit.data()});
+                detail::scalar_gain_gradient_op<P>{w.a.data(), C, d.gain_logit.data()});
   detail::transition_backward(backend, opt.mode, p.transition, G, C, prior, w, predicted, dprior,
                               d.transition, d.transition_bias);
 }

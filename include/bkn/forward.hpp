@@ -12,51 +12,107 @@ namespace detail {
 
 /// Moving averages from the posterior, per channel, averaged over the groups. The variance
 /// takes the observed part with Bessel's correction when asked. A non-finite estimate leaves
-/// the channel's moving averages as they were.
-template <class P>
+/// the channel's moving averages as they were. `one_group`: groups == 1, without the loop over
+/// the groups (the same arithmetic), so that a CPU compiler can vectorize over the channels.
+template <class P, bool one_group = false>
 struct running_update_op {
   const P *post_mean, *post_cov, *obs_cov, *gain;
   index_t groups, channels, cov_stride;
   double momentum, bessel_excess;  // m / (m - 1) - 1, or 0
   P *mean, *var, *skipped;         // skipped: null when not counted
 
+  // One row of `channels`: for_each runs it over c < channels.
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void at(index_t, index_t c) const { (*this)(c); }
   BKN_HOST_DEVICE void operator()(index_t c) const {
     using std::isfinite;
     double m = 0, v = 0;
-    for (index_t g = 0; g < groups; ++g) {
-      const index_t d = cov_stride == 1 ? g * channels + c : g * channels * channels + c * cov_stride;
-      const double q = gain_at(gain, g * channels + c);
-      m += double(post_mean[g * channels + c]);
-      v += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
+    const index_t step = cov_stride == 1 ? channels : channels * channels;  // per group
+    const index_t first = c * cov_stride;
+    if constexpr (one_group) {
+      m = double(post_mean[c]);
+      v = double(post_cov[first]) + gain_at(gain, c) * bessel_excess * double(obs_cov[first]);
+    } else {
+      for (index_t g = 0; g < groups; ++g) {
+        const index_t d = g * step + first;
+        const double q = gain_at(gain, g * channels + c);
+        m += double(post_mean[g * channels + c]);
+        v += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
+      }
+      m /= double(groups);
+      v /= double(groups);
     }
-    m /= double(groups);
-    v /= double(groups);
-    if (!isfinite(m) || !isfinite(v)) {
-      if (skipped) skipped[c] += P(1);
-      return;
-    }
-    mean[c] = P((1 - momentum) * double(mean[c]) + momentum * m);
-    var[c] = P((1 - momentum) * double(var[c]) + momentum * v);
+    // Selects rather than branches (the same values): a compiler can vectorize them.
+    const bool finite = isfinite(m) && isfinite(v);
+    if (skipped) skipped[c] += finite ? P(0) : P(1);
+    const P old_mean = mean[c], old_var = var[c];
+    const P new_mean = P((1 - momentum) * double(old_mean) + momentum * m);
+    const P new_var = P((1 - momentum) * double(old_var) + momentum * v);
+    mean[c] = finite ? new_mean : old_mean;
+    var[c] = finite ? new_var : old_var;
   }
 };
 
-/// Writes the moving averages into a posterior (every group), for running-statistics inference.
+/// running_update_op over blocks of channel_block channels (see backward.hpp's
+/// parameter_gradient_blocks_op): the groups in the outer loop, a vector of channels inside.
+inline constexpr index_t running_block = 8;
+
 template <class P>
+struct running_update_blocks_op {
+  running_update_op<P> op;
+
+  BKN_HOST_DEVICE index_t blocks() const {
+    return (op.channels + running_block - 1) / running_block;
+  }
+  BKN_HOST_DEVICE void operator()(index_t b) const {
+    using std::isfinite;
+    const index_t c0 = b * running_block, C = op.channels;
+    if (c0 + running_block > C) {
+      for (index_t c = c0; c < C; ++c) op(c);
+      return;
+    }
+    const index_t step = op.cov_stride == 1 ? C : C * C;
+    double m[running_block] = {}, v[running_block] = {};
+    for (index_t g = 0; g < op.groups; ++g)
+      for (index_t j = 0; j < running_block; ++j) {
+        const index_t c = c0 + j, d = g * step + c * op.cov_stride;
+        const double q = gain_at(op.gain, g * C + c);
+        m[j] += double(op.post_mean[g * C + c]);
+        v[j] += double(op.post_cov[d]) + q * op.bessel_excess * double(op.obs_cov[d]);
+      }
+    for (index_t j = 0; j < running_block; ++j) {
+      const index_t c = c0 + j;
+      const double mj = m[j] / double(op.groups), vj = v[j] / double(op.groups);
+      const bool finite = isfinite(mj) && isfinite(vj);
+      if (op.skipped) op.skipped[c] += finite ? P(0) : P(1);
+      const P old_mean = op.mean[c], old_var = op.var[c];
+      const P new_mean = P((1 - op.momentum) * double(old_mean) + op.momentum * mj);
+      const P new_var = P((1 - op.momentum) * double(old_var) + op.momentum * vj);
+      op.mean[c] = finite ? new_mean : old_mean;
+      op.var[c] = finite ? new_var : old_var;
+    }
+  }
+};
+
+/// Writes the moving averages into a posterior (every group), for running-statistics inference:
+/// the variances, or in full mode (`full`) diagonal covariance matrices.
+template <class P, bool full = false>
 struct broadcast_running_op {
   const P *mean, *var;
   index_t channels;
-  bool full;
   P *post_mean, *post_cov;
 
-  BKN_HOST_DEVICE void operator()(index_t i) const {
-    const index_t c = i % channels;
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    const index_t i = g * channels + c;
     post_mean[i] = mean[c];
-    if (!full) {
+    if constexpr (!full) {
       post_cov[i] = var[c];
-      return;
+    } else {
+      P* row = post_cov + i * channels;
+      for (index_t j = 0; j < channels; ++j) row[j] = j == c ? var[c] : P(0);
     }
-    P* row = post_cov + i * channels;
-    for (index_t j = 0; j < channels; ++j) row[j] = j == c ? var[c] : P(0);
   }
 };
 
@@ -153,25 +209,32 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
                     opt.epsilon, w.a.data(), w.k.data()});
     K::affine(backend, y, x, span<const P>(w.a), span<const P>(r.mean), tensor_view<const T>(),
               span<const P>(), span<const P>(w.k), x.batch());
-    if (!s.posterior.empty())
+    if (!s.posterior.empty() && !full)
       K::for_each(backend, G * C,
-                  detail::broadcast_running_op<P>{r.mean.data(), r.var.data(), C, full,
+                  detail::broadcast_running_op<P>{r.mean.data(), r.var.data(), C,
                                                   s.posterior.mean.data(),
                                                   s.posterior.cov.data()});
+    if (!s.posterior.empty() && full)
+      K::for_each(backend, G * C,
+                  detail::broadcast_running_op<P, true>{r.mean.data(), r.var.data(), C,
+                                                        s.posterior.mean.data(),
+                                                        s.posterior.cov.data()});
     return;
   }
 
   detail::observe(backend, opt.mode, x, group_size, s.observed, w);
-  const P* gain = nullptr;  // q = 1 without a prior
+  const P* gain = w.gain.data();
   if (prior.empty()) {
     K::for_each(backend, G * C, detail::copy_op<P>{s.observed.mean.data(), s.posterior.mean.data()});
     K::for_each(backend, s.observed.cov.size(),
                 detail::copy_op<P>{s.observed.cov.data(), s.posterior.cov.data()});
+    // q = 1 without a prior, as an array: a null gain would be read through masked vector
+    // loads, which cost a microcode assist per vector on some CPUs (AMD) when the pointer is null.
+    K::for_each(backend, G * C, detail::fill_op<P>{w.gain.data(), P(1)});
   } else {
     detail::predict(backend, opt.mode, p.transition, p.noise, prior, s.predicted, w);
     detail::compute_gains(backend, opt, p.gain_logit, gaussian_view<const P>(s.predicted),
                           gaussian_view<const P>(s.observed), w);
-    gain = w.gain.data();
     detail::update(backend, opt.mode, gain, gaussian_view<const P>(s.predicted),
                    gaussian_view<const P>(s.observed), s.posterior);
   }
@@ -181,13 +244,22 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
   if (opt.training && !L.running.mean.empty()) {
     const double m = double(group_size * x.spatial());
     const double bessel_excess = opt.unbiased_running_variance && m > 1 ? 1.0 / (m - 1) : 0.0;
-    K::for_each(backend, C,
-                detail::running_update_op<P>{s.posterior.mean.data(), s.posterior.cov.data(),
-                                             s.observed.cov.data(), gain, G, C,
-                                             full ? C + 1 : 1, opt.momentum, bessel_excess,
-                                             L.running.mean.data(), L.running.var.data(),
-                                             L.running.skipped.empty() ? nullptr
-                                                                       : L.running.skipped.data()});
+    // One group: a loop over the channels that vectorizes; more: blocks of channels, each a
+    // vector (the same arithmetic as running_update_op either way).
+    const auto fields = [&](auto& op) {
+      op = {s.posterior.mean.data(), s.posterior.cov.data(), s.observed.cov.data(), gain, G, C,
+            full ? C + 1 : 1, opt.momentum, bessel_excess, L.running.mean.data(),
+            L.running.var.data(), L.running.skipped.empty() ? nullptr : L.running.skipped.data()};
+    };
+    if (G == 1) {
+      detail::running_update_op<P, true> op;
+      fields(op);
+      K::for_each(backend, C, op);
+    } else {
+      detail::running_update_blocks_op<P> blocks;
+      fields(blocks.op);
+      K::for_each(backend, blocks.blocks(), blocks);
+    }
   }
 }
 

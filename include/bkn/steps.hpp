@@ -14,6 +14,11 @@ BKN_BEGIN_NAMESPACE
 namespace detail {
 
 // ---- functors of the per-channel math (run through kernels<Backend>::for_each) ----
+//
+// Functors over a 2-D index, i = row * width + col (a statistics group and a channel, mostly),
+// also expose grid_width() and at(row, col), with operator()(i) == at(i / width, i % width).
+// A CPU backend may run at() over whole rows: without the division the inner loop over col
+// vectorizes.
 
 template <class P>
 struct copy_op {
@@ -37,33 +42,62 @@ BKN_HOST_DEVICE inline double gain_at(const P* gain, index_t i) {
 
 /// The predicted mean (and, in diagonal mode, variance) of (g, c): Eq. 3 through A, for the
 /// identity, diagonal and dense transitions (and an affine linear one, with its bias).
-template <class P>
+/// `dense`: kind is dense (its loop over C' kept out of the other kinds' code, which a CPU
+/// compiler can then vectorize over the channels).
+template <class P, bool dense = false>
 struct predict_op {
   transition_kind kind;
-  const P *weights, *bias, *noise;  // bias, noise: null when absent
+  const P *weights, *bias;    // bias: null when absent
+  const P* noise_variance;    // softplus(noise) per channel (noise_variance_op); null: R = 0
   const P* prior_mean;
   const P* prior_var;  // diagonal mode; null in full mode
   index_t prior_groups, channels, in_channels;
   P* mean;
   P* var;  // null in full mode
 
-  BKN_HOST_DEVICE void operator()(index_t i) const {
-    const index_t g = i / channels, c = i % channels;
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    const index_t i = g * channels + c;
     const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
     double m = 0, v = 0;
-    if (kind == transition_kind::dense) {
-      for (index_t k = 0; k < in_channels; ++k) {
-        const double a = weights[c * in_channels + k];
-        m += a * double(prior_mean[base + k]);
-        if (var) v += a * a * double(prior_var[base + k]);
+    if constexpr (dense) {
+      // Eight partial sums (one vector of doubles): the adds need not wait on one another.
+      const P* row = weights + c * in_channels;
+      const P* pm = prior_mean + base;
+      const P* pv = var ? prior_var + base : pm;  // read only with var
+      double m8[8] = {}, v8[8] = {};
+      index_t k = 0;
+      for (; k + 8 <= in_channels; k += 8)
+        for (index_t j = 0; j < 8; ++j) {
+          const double a = double(row[k + j]);
+          m8[j] += a * double(pm[k + j]);
+          v8[j] += a * a * double(pv[k + j]);
+        }
+      for (; k < in_channels; ++k) {
+        const double a = double(row[k]);
+        m8[0] += a * double(pm[k]);
+        v8[0] += a * a * double(pv[k]);
       }
+      m = ((m8[0] + m8[1]) + (m8[2] + m8[3])) + ((m8[4] + m8[5]) + (m8[6] + m8[7]));
+      v = ((v8[0] + v8[1]) + (v8[2] + v8[3])) + ((v8[4] + v8[5]) + (v8[6] + v8[7]));
     } else {
       const double a = kind == transition_kind::diagonal ? double(weights[c]) : 1.0;
       m = a * double(prior_mean[base + c]);
       if (var) v = a * a * double(prior_var[base + c]);
     }
     mean[i] = P(m + (bias ? double(bias[c]) : 0.0));
-    if (var) var[i] = P(v + (noise ? math::softplus(double(noise[c])) : 0.0));
+    if (var) var[i] = P(v + (noise_variance ? double(noise_variance[c]) : 0.0));
+  }
+};
+
+/// softplus(noise[c]): the process noise R per channel, once rather than per group.
+template <class P>
+struct noise_variance_op {
+  const P* noise;
+  P* variance;
+  BKN_HOST_DEVICE void operator()(index_t c) const {
+    variance[c] = P(math::softplus(double(noise[c])));
   }
 };
 
@@ -208,24 +242,40 @@ struct skip_rule_op {
 /// group whose fusion is skipped. Fixed and skipped gains get no gradient.
 template <class P>
 struct gain_op {
-  const P* gain_logit;
+  const P *learned, *learned_slope;  // per gain parameter: gain_sigmoid_op's q and q (1 - q)
   index_t gain_count, channels;
   double fixed;    // < 0: learned
   const P* skip;   // per group; null: the rule is off
   P *gain, *slope;
 
-  BKN_HOST_DEVICE void operator()(index_t i) const {
-    if (skip && skip[i / channels] != P(0)) {
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    const index_t i = g * channels + c;
+    if (skip && skip[g] != P(0)) {
       gain[i] = P(1);
       slope[i] = P(0);
     } else if (fixed >= 0) {
       gain[i] = P(fixed);
       slope[i] = P(0);
     } else {
-      const double q = math::sigmoid(double(gain_logit[gain_count == 1 ? 0 : i % channels]));
-      gain[i] = P(q);
-      slope[i] = P(q * (1 - q));
+      const index_t j = gain_count == 1 ? 0 : c;
+      gain[i] = learned[j];
+      slope[i] = learned_slope[j];
     }
+  }
+};
+
+/// q = sigmoid(theta) and dq/dtheta = q (1 - q) per gain parameter (1 or C), once rather than
+/// per group.
+template <class P>
+struct gain_sigmoid_op {
+  const P* gain_logit;
+  P *gain, *slope;
+  BKN_HOST_DEVICE void operator()(index_t j) const {
+    const double q = math::sigmoid(double(gain_logit[j]));
+    gain[j] = P(q);
+    slope[j] = P(q * (1 - q));
   }
 };
 
@@ -235,7 +285,10 @@ struct update_op {
   const P* gain;
   const P *pred_mean, *pred_var, *obs_mean, *obs_var;
   P *mean, *var;
+  index_t channels;
 
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const { (*this)(g * channels + c); }
   BKN_HOST_DEVICE void operator()(index_t i) const {
     const double q = gain_at(gain, i);
     const double pv = var ? double(pred_var[i]) : 0.0, ov = var ? double(obs_var[i]) : 0.0;
@@ -272,10 +325,11 @@ struct normalize_coefficients_op {
   double epsilon;
   P *a, *k;
 
-  BKN_HOST_DEVICE void operator()(index_t i) const {
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
     using std::sqrt;
-    const index_t c = i % channels;
-    const index_t g = i / channels;
+    const index_t i = g * channels + c;
     const double var = double(cov[cov_stride == 1 ? i : g * channels * channels + c * cov_stride]);
     const double scale = (gamma ? double(gamma[c]) : 1.0) / sqrt(var + epsilon);
     a[i] = P(scale);
@@ -323,10 +377,29 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
   }
   // An affine linear transition (full mode) is a dense A plus its bias.
   const transition_kind kind = A.kind == transition_kind::weights ? transition_kind::dense : A.kind;
-  K::for_each(backend, G * C,
-              predict_op<P>{kind, A.weights.data(), bias, noise_data, prior.mean.data(),
-                            full ? nullptr : prior.cov.data(), PG, C, Cin,
-                            predicted.mean.data(), full ? nullptr : predicted.cov.data()});
+  // R's diagonal once per channel, in w.dq (free until the gains are computed). An absent bias
+  // or noise reads zeros from w.dmean rather than a null pointer: masked vector loads through
+  // a null pointer cost a microcode assist per vector on some CPUs (AMD).
+  const P* noise_variance = nullptr;
+  if (noise_data != nullptr && !full) {
+    K::for_each(backend, C, noise_variance_op<P>{noise_data, w.dq.data()});
+    noise_variance = w.dq.data();
+  }
+  if (bias == nullptr || noise_variance == nullptr) {
+    K::for_each(backend, C, fill_op<P>{w.dmean.data(), P(0)});
+    if (bias == nullptr) bias = w.dmean.data();
+    if (noise_variance == nullptr && !full) noise_variance = w.dmean.data();
+  }
+  const auto run = [&](auto op) {
+    op = {kind, A.weights.data(), bias, noise_variance, prior.mean.data(),
+          full ? nullptr : prior.cov.data(), PG, C, Cin, predicted.mean.data(),
+          full ? nullptr : predicted.cov.data()};
+    K::for_each(backend, G * C, op);
+  };
+  if (kind == transition_kind::dense)
+    run(predict_op<P, true>{});
+  else
+    run(predict_op<P>{});
   if (!full) return;
   if (kind == transition_kind::dense) {
     // product = A Sigma_prev (C x C' per prior group), then cov = product A^T.
@@ -357,9 +430,15 @@ void compute_gains(const Backend& backend, const options& opt, span<const P> gai
                 skip_rule_op<P>{predicted.cov.data(), observed.cov.data(), C,
                                 opt.mode == covariance::full ? C + 1 : 1, opt.skip_threshold,
                                 opt.epsilon, w.skip.data()});
+  // The learned gains' sigmoids once, in w.dq and w.dmean (free until backward's coefficients).
+  const bool learned = opt.fixed_gain < 0 && !gain_logit.empty();
+  if (learned)
+    K::for_each(backend, gain_logit.size(),
+                gain_sigmoid_op<P>{gain_logit.data(), w.dq.data(), w.dmean.data()});
   K::for_each(backend, G * C,
-              gain_op<P>{gain_logit.data(), gain_logit.size(), C, opt.fixed_gain,
-                         skip ? w.skip.data() : nullptr, w.gain.data(), w.gain_slope.data()});
+              gain_op<P>{learned ? w.dq.data() : nullptr, learned ? w.dmean.data() : nullptr,
+                         gain_logit.size(), C, opt.fixed_gain, skip ? w.skip.data() : nullptr,
+                         w.gain.data(), w.gain_slope.data()});
 }
 
 template <class Backend, class P>
@@ -372,7 +451,7 @@ void update(const Backend& backend, covariance mode, const P* gain,
   K::for_each(backend, G * C,
               update_op<P>{gain, predicted.mean.data(), full ? nullptr : predicted.cov.data(),
                            observed.mean.data(), full ? nullptr : observed.cov.data(),
-                           posterior.mean.data(), full ? nullptr : posterior.cov.data()});
+                           posterior.mean.data(), full ? nullptr : posterior.cov.data(), C});
   if (!full) return;
   K::for_each(backend, G * C * C,
               update_cov_op<P>{gain, C, predicted.mean.data(), predicted.cov.data(),
