@@ -5,10 +5,16 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include <Eigen/Core>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "bkn/backend.hpp"
 #include "bkn/math/welford.hpp"
@@ -23,6 +29,12 @@ BKN_BEGIN_NAMESPACE
 /// `affine` and `mix`, which get no scratch, use stack tiles of at most 24 KiB; the Gram
 /// products of `covariance` let Eigen pack operands on the stack (2 x 64 KiB at most, up to
 /// C = 8192; beyond C = 16384 Eigen's packing buffers would go to the heap).
+///
+/// Speed: the statistics passes keep several SIMD accumulators (Eigen's packets, so the
+/// instruction set is the one the host compiles for), `affine` writes outputs of 8 MiB and
+/// more with streaming stores, and for_each runs the core's 2-D functors row by row so that
+/// the compiler vectorizes the per-channel math: compile with -fno-math-errno and
+/// -fno-trapping-math (GCC) for that to include square roots and finiteness tests.
 struct eigen_backend {
   int threads = 1;
 };
@@ -41,7 +53,8 @@ inline constexpr index_t eigen_block_values = 4096;
 inline constexpr index_t eigen_gram_values = 8192;
 // Pixel and channel tile of `mix`: three tiles of doubles are 24 KiB of stack.
 inline constexpr int eigen_mix_tile = 32;
-// Channel tile of the coefficient rows of `affine` on channels-last tensors.
+// Channel tile of the coefficient rows of `affine` on channels-last tensors (the conversion
+// path, where the coefficients' type is not the tensor's).
 inline constexpr int eigen_affine_tile = 64;
 
 inline int eigen_team(const eigen_backend& backend, index_t elements) noexcept {
@@ -61,6 +74,26 @@ void eigen_parallel(int team, F&& f) {
 #endif
   for (int part = 0; part < team; ++part) f(part);
 }
+
+/// Whether F has the 2-D form of the core's per-channel functors: grid_width() and at(row, col).
+template <class F, class = void>
+struct eigen_has_grid : std::false_type {};
+template <class F>
+struct eigen_has_grid<F, std::void_t<decltype(std::declval<const F&>().grid_width()),
+                                     decltype(std::declval<const F&>().at(index_t(0), index_t(0)))>>
+    : std::true_type {};
+
+// The inner loop over a row of a 2-D functor: each column writes its own outputs, so its
+// iterations carry no dependences. GCC is told just that (ivdep), not to vectorize at any cost
+// (OpenMP's simd): a forced loop is not unswitched on the functors' optional (null) pointers,
+// and its masked loads through a null pointer cost a microcode assist per vector on AMD.
+#if defined(__GNUC__) && !defined(__clang__)
+#define BKN_EIGEN_SIMD_LOOP _Pragma("GCC ivdep")
+#elif defined(__clang__)
+#define BKN_EIGEN_SIMD_LOOP _Pragma("clang loop vectorize(assume_safety)")
+#else
+#define BKN_EIGEN_SIMD_LOOP
+#endif
 
 /// First of the units [0, units) that `part` of `team` owns: contiguous static ranges.
 inline index_t eigen_first_unit(index_t units, int part, int team) noexcept {
@@ -108,22 +141,29 @@ Slot eigen_slot(span<std::byte> scratch, index_t index, index_t channels) {
   return Slot::carve(carver, channels);
 }
 
-/// Channels-last `moments`: a unit's running statistics and the current block's partials.
+/// Channels-last `moments`: a unit's running statistics, channel by channel (structure of
+/// arrays, so that blocks merge as vectors), and the current block's partials.
 template <class T>
 struct eigen_moments_slot {
-  welford<double>* state;  // per channel, the unit's statistics so far
-  double* mean;            // per channel, the block's mean
-  T* sum;                  // per channel, the block's sum about its first row
-  T* centre;               // the block's mean rounded to T
-  T* m2;                   // the block's sum of squares about `centre`
+  double* count;       // 1: the unit's values so far, the same for every channel
+  double* mean;        // per channel, the unit's mean so far
+  double* m2;          // per channel, its sum of squared deviations
+  double* block_mean;  // per channel, the block's mean
+  double* block_m2;    // per channel, the block's sum of squared deviations
+  T* sum;              // per channel, the block's sum about its first row
+  T* centre;           // the block's mean rounded to T
+  T* squares;          // the block's sum of squares about `centre`
 
   static eigen_moments_slot carve(eigen_carver& c, index_t channels) {
     eigen_moments_slot s;
-    s.state = c.take<welford<double>>(channels);
+    s.count = c.take<double>(1);
     s.mean = c.take<double>(channels);
+    s.m2 = c.take<double>(channels);
+    s.block_mean = c.take<double>(channels);
+    s.block_m2 = c.take<double>(channels);
     s.sum = c.take<T>(channels);
     s.centre = c.take<T>(channels);
-    s.m2 = c.take<T>(channels);
+    s.squares = c.take<T>(channels);
     return s;
   }
 };
@@ -281,61 +321,376 @@ auto eigen_repeated_row(const T* row, index_t length, index_t channels) {
   return eigen_rows_at<eigen_path::rows>(row, length, channels, 0, 1);
 }
 
-/// Statistics of one block of values of one channel. The sum is taken about the first value,
-/// so float partial sums stay near the spread of the data rather than its offset; the squares
-/// are centred on the block mean rounded to T, and the rounding is corrected exactly
-/// (sum (x - c)^2 = sum (x - mean)^2 + n (c - mean)^2).
-template <class Values>
-welford<double> eigen_block_statistics(const Eigen::ArrayBase<Values>& x) {
-  using T = typename Values::Scalar;
-  const index_t n = x.size();
-  const T first = x.coeff(0);
-  const double mean = double(first) + double((x - first).sum()) / double(n);
+// ---- SIMD reductions. Eigen's own redux keeps two packet accumulators, so a float sum waits
+// on the adder's latency; these keep four, or one per packet of a tile of channels, and add
+// them up in a fixed order: the result depends on the data and its length alone. ----
+
+/// Packets of channels that the channels-last kernels keep in registers over a block of rows;
+/// wider rows stream row after row instead.
+inline constexpr index_t eigen_register_tile = 4;
+
+/// Eigen's widest packet of T (T itself where Eigen does not vectorize T).
+template <class T>
+using eigen_packet = typename Eigen::internal::packet_traits<T>::type;
+template <class T>
+inline constexpr index_t eigen_lanes = Eigen::internal::unpacket_traits<eigen_packet<T>>::size;
+
+/// sum (x[i] - shift) over i < n, and with `squares` sum (x[i] - shift)^2.
+template <bool squares, class T>
+T eigen_sum_about(const T* x, index_t n, T shift) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  const packet s = pset1<packet>(shift);
+  packet a0 = pset1<packet>(T(0)), a1 = a0, a2 = a0, a3 = a0;
+  const auto add = [&](packet& acc, index_t i) {
+    const packet d = psub(ploadu<packet>(x + i), s);
+    acc = squares ? pmadd(d, d, acc) : padd(acc, d);
+  };
+  index_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    add(a0, i);
+    add(a1, i + L);
+    add(a2, i + 2 * L);
+    add(a3, i + 3 * L);
+  }
+  for (; i + L <= n; i += L) add(a0, i);
+  T sum = predux(padd(padd(a0, a1), padd(a2, a3)));
+  for (; i < n; ++i) {
+    const T d = x[i] - shift;
+    sum += squares ? d * d : d;
+  }
+  return sum;
+}
+
+/// sum dy[i] and sum dy[i] (x[i] - centre) over i < n, added to `sum_dy`, `sum_dy_centred`.
+template <class T>
+void eigen_sum_products(const T* dy, const T* x, index_t n, T centre, T& sum_dy,
+                        T& sum_dy_centred) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  const packet m = pset1<packet>(centre);
+  packet d0 = pset1<packet>(T(0)), d1 = d0, p0 = d0, p1 = d0;
+  const auto add = [&](packet& d_acc, packet& p_acc, index_t i) {
+    const packet d = ploadu<packet>(dy + i);
+    d_acc = padd(d_acc, d);
+    p_acc = pmadd(d, psub(ploadu<packet>(x + i), m), p_acc);
+  };
+  index_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    add(d0, p0, i);
+    add(d1, p1, i + L);
+  }
+  for (; i + L <= n; i += L) add(d0, p0, i);
+  T s_dy = predux(padd(d0, d1)), s_dyc = predux(padd(p0, p1));
+  for (; i < n; ++i) {
+    s_dy += dy[i];
+    s_dyc += dy[i] * (x[i] - centre);
+  }
+  sum_dy += s_dy;
+  sum_dy_centred += s_dyc;
+}
+
+/// Per channel c < C of `rows` rows of C values, row r at x + r * row_stride (channels
+/// contiguous): out[c] = sum_r (x[r][c] - shift[c]), or with `squares` its squares. A tile of
+/// channels keeps its accumulators in registers over every row.
+template <bool squares, class T>
+void eigen_column_sums(const T* x, index_t rows, index_t C, index_t row_stride, const T* shift,
+                       T* out) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  const auto add = [](packet& acc, const packet& d) {
+    acc = squares ? pmadd(d, d, acc) : padd(acc, d);
+  };
+  if (C > eigen_register_tile * L) {
+    // Wide rows: row after row, the accumulators in `out` (L1). A tile of channels over all
+    // rows would read the rows a few cache lines at a time, a pattern memory streams poorly.
+    std::fill(out, out + C, T(0));
+    for (index_t r = 0; r < rows; ++r) {
+      const T* row = x + r * row_stride;
+      index_t c = 0;
+      for (; c + L <= C; c += L) {
+        packet acc = ploadu<packet>(out + c);
+        add(acc, psub(ploadu<packet>(row + c), ploadu<packet>(shift + c)));
+        pstoreu(out + c, acc);
+      }
+      for (; c < C; ++c) {
+        const T d = row[c] - shift[c];
+        out[c] += squares ? d * d : d;
+      }
+    }
+    return;
+  }
+  index_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    const packet s0 = ploadu<packet>(shift + c), s1 = ploadu<packet>(shift + c + L),
+                 s2 = ploadu<packet>(shift + c + 2 * L), s3 = ploadu<packet>(shift + c + 3 * L);
+    packet a0 = pset1<packet>(T(0)), a1 = a0, a2 = a0, a3 = a0;
+    for (index_t r = 0; r < rows; ++r) {
+      const T* row = x + r * row_stride + c;
+      add(a0, psub(ploadu<packet>(row), s0));
+      add(a1, psub(ploadu<packet>(row + L), s1));
+      add(a2, psub(ploadu<packet>(row + 2 * L), s2));
+      add(a3, psub(ploadu<packet>(row + 3 * L), s3));
+    }
+    pstoreu(out + c, a0);
+    pstoreu(out + c + L, a1);
+    pstoreu(out + c + 2 * L, a2);
+    pstoreu(out + c + 3 * L, a3);
+  }
+  for (; c + L <= C; c += L) {
+    const packet s0 = ploadu<packet>(shift + c);
+    packet a0 = pset1<packet>(T(0));
+    for (index_t r = 0; r < rows; ++r) add(a0, psub(ploadu<packet>(x + r * row_stride + c), s0));
+    pstoreu(out + c, a0);
+  }
+  for (; c < C; ++c) {
+    T a = 0;
+    for (index_t r = 0; r < rows; ++r) {
+      const T d = x[r * row_stride + c] - shift[c];
+      a += squares ? d * d : d;
+    }
+    out[c] = a;
+  }
+}
+
+/// The same over channels `channel_stride` apart (the strided fallback; shift is contiguous).
+template <bool squares, class T>
+void eigen_column_sums(const T* x, index_t rows, index_t C, index_t row_stride,
+                       index_t channel_stride, const T* shift, T* out) {
+  if (channel_stride == 1) return eigen_column_sums<squares>(x, rows, C, row_stride, shift, out);
+  for (index_t c = 0; c < C; ++c) {
+    T a = 0;
+    for (index_t r = 0; r < rows; ++r) {
+      const T d = x[r * row_stride + c * channel_stride] - shift[c];
+      a += squares ? d * d : d;
+    }
+    out[c] = a;
+  }
+}
+
+/// Per channel: sum dy and sum dy (x - centre[c]) over `rows` rows (row r of dy at
+/// dy + r * dy_row, channel c at + c * dy_channel; likewise x), added to the outputs.
+template <class T>
+void eigen_column_products(const T* dy, index_t dy_row, index_t dy_channel, const T* x,
+                           index_t x_row, index_t x_channel, index_t rows, index_t C,
+                           const T* centre, T* sum_dy, T* sum_dy_centred) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  index_t c = 0;
+  if (dy_channel == 1 && x_channel == 1 && C > eigen_register_tile * L) {
+    // Wide rows: row after row (see eigen_column_sums), the sums accumulating in place.
+    for (index_t r = 0; r < rows; ++r) {
+      const T* dr = dy + r * dy_row;
+      const T* xr = x + r * x_row;
+      index_t j = 0;
+      for (; j + L <= C; j += L) {
+        const packet d = ploadu<packet>(dr + j);
+        pstoreu(sum_dy + j, padd(ploadu<packet>(sum_dy + j), d));
+        pstoreu(sum_dy_centred + j,
+                pmadd(d, psub(ploadu<packet>(xr + j), ploadu<packet>(centre + j)),
+                      ploadu<packet>(sum_dy_centred + j)));
+      }
+      for (; j < C; ++j) {
+        sum_dy[j] += dr[j];
+        sum_dy_centred[j] += dr[j] * (xr[j] - centre[j]);
+      }
+    }
+    return;
+  }
+  if (dy_channel == 1 && x_channel == 1) {
+    for (; c + 2 * L <= C; c += 2 * L) {
+      const packet m0 = ploadu<packet>(centre + c), m1 = ploadu<packet>(centre + c + L);
+      packet d0 = pset1<packet>(T(0)), d1 = d0, p0 = d0, p1 = d0;
+      for (index_t r = 0; r < rows; ++r) {
+        const T* d_at = dy + r * dy_row + c;
+        const T* x_at = x + r * x_row + c;
+        const packet a = ploadu<packet>(d_at), b = ploadu<packet>(d_at + L);
+        d0 = padd(d0, a);
+        d1 = padd(d1, b);
+        p0 = pmadd(a, psub(ploadu<packet>(x_at), m0), p0);
+        p1 = pmadd(b, psub(ploadu<packet>(x_at + L), m1), p1);
+      }
+      pstoreu(sum_dy + c, padd(ploadu<packet>(sum_dy + c), d0));
+      pstoreu(sum_dy + c + L, padd(ploadu<packet>(sum_dy + c + L), d1));
+      pstoreu(sum_dy_centred + c, padd(ploadu<packet>(sum_dy_centred + c), p0));
+      pstoreu(sum_dy_centred + c + L, padd(ploadu<packet>(sum_dy_centred + c + L), p1));
+    }
+  }
+  for (; c < C; ++c) {
+    T s_dy = 0, s_dyc = 0;
+    for (index_t r = 0; r < rows; ++r) {
+      const T d = dy[r * dy_row + c * dy_channel];
+      s_dy += d;
+      s_dyc += d * (x[r * x_row + c * x_channel] - centre[c]);
+    }
+    sum_dy[c] += s_dy;
+    sum_dy_centred[c] += s_dyc;
+  }
+}
+
+/// Chan's combine, channel by channel, of a block of n values per channel (means block_mean,
+/// sums of squared deviations block_m2) into a unit's state of `count` values per channel:
+/// welford::combine's arithmetic, as vectors.
+inline void eigen_combine(double& count, double* mean, double* m2, double n,
+                          const double* block_mean, const double* block_m2, index_t C) {
+  using vector = Eigen::Map<Eigen::ArrayXd>;
+  using const_vector = Eigen::Map<const Eigen::ArrayXd>;
+  if (n == 0) return;
+  vector m(mean, C), s(m2, C);
+  const const_vector bm(block_mean, C), bs(block_m2, C);
+  if (count == 0) {
+    m = bm;
+    s = bs;
+    count = n;
+    return;
+  }
+  const double total = count + n, weight = n / total;
+  s += bs + (bm - m).square() * count * weight;  // before the mean moves: delta = bm - m
+  m += (bm - m) * weight;
+  count = total;
+}
+
+/// The statistics of a block of values of one channel, given as segments: `segments(f)` calls
+/// f(pointer, length) for each contiguous run, the same runs each time. The sum is taken about
+/// the first value, so float partial sums stay near the spread of the data rather than its
+/// offset; the squares are centred on the block mean rounded to T, and the rounding is
+/// corrected exactly (sum (x - c)^2 = sum (x - mean)^2 + n (c - mean)^2). A second pass over a
+/// block of at most eigen_block_values values reads L1.
+template <class T, class Segments>
+welford<double> eigen_block_statistics(const Segments& segments) {
+  T first = T(0), sum = T(0);
+  index_t n = 0;
+  segments([&](const T* x, index_t length) {
+    if (n == 0) first = x[0];
+    sum += eigen_sum_about<false>(x, length, first);
+    n += length;
+  });
+  const double mean = double(first) + double(sum) / double(n);
   const T centre = T(mean);
   const double gap = double(centre) - mean;
-  const double m2 = double((x - centre).square().sum()) - double(n) * gap * gap;
+  T squares = T(0);
+  segments([&](const T* x, index_t length) { squares += eigen_sum_about<true>(x, length, centre); });
+  const double m2 = double(squares) - double(n) * gap * gap;
   return welford<double>{double(n), mean, m2 > 0 ? m2 : 0.0};
 }
 
-/// Folds one block of rows (length x C) into per-channel statistics, as eigen_block_statistics
-/// does for one channel, all channels at once.
-template <class Rows, class First, class T>
-void eigen_accumulate_rows(const Rows& rows, const First& first, const eigen_moments_slot<T>& s,
-                           welford<double>* state) {
-  const index_t n = rows.rows(), C = rows.cols();
-  eigen_channel_row<T> sum(s.sum, C), centre(s.centre, C), m2(s.m2, C);
-  sum = (rows - first).array().colwise().sum();
-  for (index_t c = 0; c < C; ++c) {
-    s.mean[c] = double(rows.coeff(0, c)) + double(sum[c]) / double(n);
-    centre[c] = T(s.mean[c]);
-  }
-  m2 = (rows - eigen_repeated_row(s.centre, n, C)).array().square().colwise().sum();
-  for (index_t c = 0; c < C; ++c) {
-    const double gap = double(centre[c]) - s.mean[c];
-    const double block_m2 = double(m2[c]) - double(n) * gap * gap;
-    state[c].combine(welford<double>{double(n), s.mean[c], block_m2 > 0 ? block_m2 : 0.0});
-  }
+/// Rows per block of the channels-last statistics: about eigen_rows_block_values values (the
+/// block's second pass reads it from L2; its per-channel merge, in double, is paid once per
+/// block), 16 to eigen_block_values rows (float sums of at most that many values per channel).
+inline constexpr index_t eigen_rows_block_values = index_t(1) << 16;
+inline index_t eigen_rows_block(index_t channels) noexcept {
+  return std::clamp<index_t>(eigen_rows_block_values / std::max<index_t>(channels, 1), 16,
+                             eigen_block_values);
+}
+
+/// Whole sample planes per block (at least one; a longer plane is cut into blocks of its own).
+inline index_t eigen_planes_per_block(index_t spatial) noexcept {
+  return std::max<index_t>(1, eigen_block_values / std::max<index_t>(spatial, 1));
 }
 
 template <class T, class P>
 void eigen_moments_planes(tensor_view<const T> x, index_t group_size, span<P> mean, span<P> var,
                           int team) {
   const index_t C = x.channels(), S = x.spatial(), units = x.batch() / group_size * C;
+  const index_t per_block = eigen_planes_per_block(S);
   eigen_parallel(team, [&](int part) {
     const index_t last = eigen_first_unit(units, part + 1, team);
     for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / C, c = unit % C;
+      const index_t g = unit / C, c = unit % C, end = (g + 1) * group_size;
       welford<double> w;
-      for (index_t n = g * group_size; n < (g + 1) * group_size; ++n) {
-        const T* plane = x.data() + x.offset(n, c, 0, 0);
-        for (index_t s = 0; s < S; s += eigen_block_values)
-          w.combine(eigen_block_statistics(
-              eigen_values<const T>(plane + s, std::min(eigen_block_values, S - s))));
+      for (index_t n0 = g * group_size; n0 < end; n0 += per_block) {
+        const index_t n1 = std::min(n0 + per_block, end);
+        const T* plane = x.data() + x.offset(n0, c, 0, 0);
+        if (S > eigen_block_values) {
+          for (index_t s = 0; s < S; s += eigen_block_values)
+            w.combine(eigen_block_statistics<T>([&](auto&& f) {
+              f(plane + s, std::min(eigen_block_values, S - s));
+            }));
+        } else {
+          w.combine(eigen_block_statistics<T>([&](auto&& f) {
+            for (index_t n = n0; n < n1; ++n) f(x.data() + x.offset(n, c, 0, 0), S);
+          }));
+        }
       }
       mean[unit] = P(w.mean);
       var[unit] = P(w.variance());
     }
   });
+}
+
+/// Planes below this many values are read sample by sample (all of a sample's planes in
+/// memory order), not channel by channel: a channel's short planes lie a whole sample apart.
+inline constexpr index_t eigen_short_planes = 1024;
+
+/// moments on short planes: a unit is a group (or a chunk of one), read in blocks of whole
+/// samples; within a block each channel is summed as in eigen_block_statistics.
+template <class T, class P>
+void eigen_moments_samples(tensor_view<const T> x, index_t group_size, span<P> mean,
+                           span<P> var, span<std::byte> scratch, int team) {
+  using slot = eigen_moments_slot<T>;
+  const index_t C = x.channels(), S = x.spatial(), G = x.batch() / group_size;
+  const index_t chunks = std::min<index_t>(eigen_chunks(G, team), group_size);
+  const index_t units = G * chunks;
+  const index_t per_block =
+      std::clamp<index_t>(eigen_rows_block_values / (C * S), 1, eigen_block_values / S);
+  const auto plane = [&](index_t n, index_t c) { return x.data() + x.offset(n, c, 0, 0); };
+  const auto store = [&](index_t g, const slot& s) {
+    for (index_t c = 0; c < C; ++c) {
+      mean[g * C + c] = P(s.mean[c]);
+      var[g * C + c] = P(s.m2[c] > 0 ? s.m2[c] / s.count[0] : 0.0);
+    }
+  };
+  eigen_parallel(team, [&](int part) {
+    const slot work = eigen_slot<slot>(scratch, part, C);
+    const index_t last = eigen_first_unit(units, part + 1, team);
+    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
+      const index_t g = unit / chunks, j = unit % chunks;
+      const slot state = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
+      state.count[0] = 0;
+      const index_t end = g * group_size + group_size * (j + 1) / chunks;
+      for (index_t n0 = g * group_size + group_size * j / chunks; n0 < end; n0 += per_block) {
+        const index_t n1 = std::min(n0 + per_block, end);
+        for (index_t c = 0; c < C; ++c) {
+          work.centre[c] = plane(n0, c)[0];  // the shift of the block's sums
+          work.sum[c] = T(0);
+          work.squares[c] = T(0);
+        }
+        for (index_t n = n0; n < n1; ++n)
+          for (index_t c = 0; c < C; ++c)
+            work.sum[c] += eigen_sum_about<false>(plane(n, c), S, work.centre[c]);
+        const double count = double((n1 - n0) * S);
+        for (index_t c = 0; c < C; ++c) {
+          work.block_mean[c] = double(work.centre[c]) + double(work.sum[c]) / count;
+          work.centre[c] = T(work.block_mean[c]);
+        }
+        for (index_t n = n0; n < n1; ++n)
+          for (index_t c = 0; c < C; ++c)
+            work.squares[c] += eigen_sum_about<true>(plane(n, c), S, work.centre[c]);
+        for (index_t c = 0; c < C; ++c) {
+          const double gap = double(work.centre[c]) - work.block_mean[c];
+          const double m2 = double(work.squares[c]) - count * gap * gap;
+          work.block_m2[c] = m2 > 0 ? m2 : 0.0;
+        }
+        eigen_combine(state.count[0], state.mean, state.m2, count, work.block_mean,
+                      work.block_m2, C);
+      }
+      if (chunks == 1) store(g, state);
+    }
+  });
+  if (chunks == 1) return;
+  for (index_t g = 0; g < G; ++g) {
+    const slot first = eigen_slot<slot>(scratch, g * chunks, C);
+    for (index_t j = 1; j < chunks; ++j) {
+      const slot other = eigen_slot<slot>(scratch, g * chunks + j, C);
+      eigen_combine(first.count[0], first.mean, first.m2, other.count[0], other.mean, other.m2,
+                    C);
+    }
+    store(g, first);
+  }
 }
 
 template <eigen_path Path, class T, class P>
@@ -345,12 +700,17 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
   const index_t C = x.channels(), G = x.batch() / group_size;
   const index_t pixels = group_size * x.spatial(), chunks = eigen_chunks(G, team);
   const index_t units = G * chunks;
-  const index_t block = std::clamp<index_t>(eigen_block_values / C, 16, eigen_block_values);
+  const index_t block = eigen_rows_block(C);
   const eigen_pixels<const T> px(x, false);
-  auto store = [&](index_t g, const welford<double>* state) {
+  // Plain loops for the conversions between T, P and double: the compiler vectorizes them,
+  // where Eigen 3.4 converts one scalar at a time.
+  auto store = [&](index_t g, const slot& s) {
+    P* m = mean.data() + g * C;
+    P* v = var.data() + g * C;
+    const double count = s.count[0];
     for (index_t c = 0; c < C; ++c) {
-      mean[g * C + c] = P(state[c].mean);
-      var[g * C + c] = P(state[c].variance());
+      m[c] = P(s.mean[c]);
+      v[c] = P(s.m2[c] > 0 ? s.m2[c] / count : 0.0);  // welford::variance()
     }
   };
   eigen_parallel(team, [&](int part) {
@@ -359,26 +719,57 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
     for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
       const index_t g = unit / chunks, j = unit % chunks;
       // A split group keeps each chunk's statistics in the chunk's own slot until the merge.
-      welford<double>* state = chunks > 1 ? eigen_slot<slot>(scratch, unit, C).state : work.state;
-      std::fill(state, state + C, welford<double>{});
+      const slot state = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
+      state.count[0] = 0;
+      bool stored = false;
       eigen_for_each_run(
           g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
-          [&](index_t p, index_t length) {
-            // The block's first row, repeated: its sum is taken about it.
-            const auto first =
-                eigen_rows_at<Path>(px.at(p), length, C, index_t(0), px.channel_stride);
-            eigen_accumulate_rows(eigen_rows<Path>(px, p, length), first, work, state);
+          [&](index_t p, index_t n) {
+            const T* first = px.at(p);
+            const index_t cs = px.channel_stride, ps = px.pixel_stride;
+            // The block's sum about its first row (gathered: the shift must be contiguous),
+            // then its squares about its rounded mean.
+            for (index_t c = 0; c < C; ++c) work.centre[c] = first[c * cs];
+            eigen_column_sums<false>(first, n, C, ps, cs, work.centre, work.sum);
+            const double count = double(n);
+            for (index_t c = 0; c < C; ++c) {
+              work.block_mean[c] = double(work.centre[c]) + double(work.sum[c]) / count;
+              work.centre[c] = T(work.block_mean[c]);
+            }
+            eigen_column_sums<true>(first, n, C, ps, cs, work.centre, work.squares);
+            // A group of one block goes straight to the output (what combining it into an empty
+            // state and storing that gives).
+            const bool alone = chunks == 1 && n == pixels;
+            double* m2 = work.block_m2;
+            for (index_t c = 0; c < C; ++c) {
+              const double gap = double(work.centre[c]) - work.block_mean[c];
+              const double d = double(work.squares[c]) - count * gap * gap;
+              m2[c] = d > 0 ? d : 0.0;
+            }
+            if (alone) {
+              P* m = mean.data() + g * C;
+              P* v = var.data() + g * C;
+              for (index_t c = 0; c < C; ++c) {
+                m[c] = P(work.block_mean[c]);
+                v[c] = P(m2[c] > 0 ? m2[c] / count : 0.0);
+              }
+              stored = true;
+              return;
+            }
+            eigen_combine(state.count[0], state.mean, state.m2, count, work.block_mean,
+                          work.block_m2, C);
           },
           px);
-      if (chunks == 1) store(g, state);
+      if (chunks == 1 && !stored) store(g, state);
     }
   });
   if (chunks == 1) return;
   for (index_t g = 0; g < G; ++g) {
-    welford<double>* first = eigen_slot<slot>(scratch, g * chunks, C).state;
+    const slot first = eigen_slot<slot>(scratch, g * chunks, C);
     for (index_t j = 1; j < chunks; ++j) {
-      const welford<double>* other = eigen_slot<slot>(scratch, g * chunks + j, C).state;
-      for (index_t c = 0; c < C; ++c) first[c].combine(other[c]);
+      const slot other = eigen_slot<slot>(scratch, g * chunks + j, C);
+      eigen_combine(first.count[0], first.mean, first.m2, other.count[0], other.mean, other.m2,
+                    C);
     }
     store(g, first);
   }
@@ -450,31 +841,108 @@ template <class T, class P>
 void eigen_sums_planes(tensor_view<const T> dy, tensor_view<const T> x, span<const P> centre,
                        index_t group_size, span<P> sum_dy, span<P> sum_dy_centred, int team) {
   const index_t C = x.channels(), S = x.spatial(), units = x.batch() / group_size * C;
+  const index_t per_block = eigen_planes_per_block(S);
   eigen_parallel(team, [&](int part) {
     const index_t last = eigen_first_unit(units, part + 1, team);
     for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / C, c = unit % C;
+      const index_t g = unit / C, c = unit % C, end = (g + 1) * group_size;
       // dy (x - centre) = dy (x - rounded) + dy (rounded - centre): the first term in T, the
       // correction in double.
       const double exact = double(centre[unit]);
       const T rounded = T(exact);
       const double gap = double(rounded) - exact;
       double s_dy = 0, s_dy_centred = 0;
-      for (index_t n = g * group_size; n < (g + 1) * group_size; ++n) {
-        const T* dy_plane = dy.data() + dy.offset(n, c, 0, 0);
-        const T* x_plane = x.data() + x.offset(n, c, 0, 0);
-        for (index_t s = 0; s < S; s += eigen_block_values) {
-          const index_t length = std::min(eigen_block_values, S - s);
-          const eigen_values<const T> d(dy_plane + s, length), v(x_plane + s, length);
-          const double block_dy = double(d.sum());
-          s_dy += block_dy;
-          s_dy_centred += double((d * (v - rounded)).sum()) + gap * block_dy;
+      // Float sums over blocks of at most eigen_block_values values, merged in double.
+      const auto add_block = [&](auto&& segments) {
+        T block_dy = T(0), block_dy_centred = T(0);
+        segments([&](index_t offset_dy, index_t offset_x, index_t length) {
+          eigen_sum_products(dy.data() + offset_dy, x.data() + offset_x, length, rounded,
+                             block_dy, block_dy_centred);
+        });
+        s_dy += double(block_dy);
+        s_dy_centred += double(block_dy_centred) + gap * double(block_dy);
+      };
+      for (index_t n0 = g * group_size; n0 < end; n0 += per_block) {
+        const index_t n1 = std::min(n0 + per_block, end);
+        if (S > eigen_block_values) {
+          for (index_t s = 0; s < S; s += eigen_block_values)
+            add_block([&](auto&& f) {
+              f(dy.offset(n0, c, 0, 0) + s, x.offset(n0, c, 0, 0) + s,
+                std::min(eigen_block_values, S - s));
+            });
+        } else {
+          add_block([&](auto&& f) {
+            for (index_t n = n0; n < n1; ++n) f(dy.offset(n, c, 0, 0), x.offset(n, c, 0, 0), S);
+          });
         }
       }
       sum_dy[unit] = P(s_dy);
       sum_dy_centred[unit] = P(s_dy_centred);
     }
   });
+}
+
+/// sums on short planes, sample by sample (see eigen_moments_samples).
+template <class T, class P>
+void eigen_sums_samples(tensor_view<const T> dy, tensor_view<const T> x, span<const P> centre,
+                        index_t group_size, span<P> sum_dy, span<P> sum_dy_centred,
+                        span<std::byte> scratch, int team) {
+  using slot = eigen_sums_slot<T>;
+  const index_t C = x.channels(), S = x.spatial(), G = x.batch() / group_size;
+  const index_t chunks = std::min<index_t>(eigen_chunks(G, team), group_size);
+  const index_t units = G * chunks;
+  const index_t per_block =
+      std::clamp<index_t>(eigen_rows_block_values / (C * S), 1, eigen_block_values / S);
+  const auto store = [&](index_t g, const slot& s) {
+    for (index_t c = 0; c < C; ++c) {
+      sum_dy[g * C + c] = P(s.sum_dy[c]);
+      sum_dy_centred[g * C + c] = P(s.sum_dy_centred[c]);
+    }
+  };
+  eigen_parallel(team, [&](int part) {
+    const slot work = eigen_slot<slot>(scratch, part, C);
+    const index_t last = eigen_first_unit(units, part + 1, team);
+    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
+      const index_t g = unit / chunks, j = unit % chunks;
+      const slot out = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
+      for (index_t c = 0; c < C; ++c) {
+        out.sum_dy[c] = 0;
+        out.sum_dy_centred[c] = 0;
+        // dy (x - centre) = dy (x - rounded) + dy (rounded - centre), as eigen_sums_planes.
+        const double exact = double(centre[g * C + c]);
+        work.centre[c] = T(exact);
+        work.gap[c] = double(work.centre[c]) - exact;
+      }
+      const index_t end = g * group_size + group_size * (j + 1) / chunks;
+      for (index_t n0 = g * group_size + group_size * j / chunks; n0 < end; n0 += per_block) {
+        const index_t n1 = std::min(n0 + per_block, end);
+        std::fill(work.block_dy, work.block_dy + C, T(0));
+        std::fill(work.block_dy_centred, work.block_dy_centred + C, T(0));
+        for (index_t n = n0; n < n1; ++n)
+          for (index_t c = 0; c < C; ++c)
+            eigen_sum_products(dy.data() + dy.offset(n, c, 0, 0), x.data() + x.offset(n, c, 0, 0),
+                               S, work.centre[c], work.block_dy[c], work.block_dy_centred[c]);
+        for (index_t c = 0; c < C; ++c) {
+          out.sum_dy[c] += double(work.block_dy[c]);
+          out.sum_dy_centred[c] +=
+              double(work.block_dy_centred[c]) + work.gap[c] * double(work.block_dy[c]);
+        }
+      }
+      if (chunks == 1) store(g, out);
+    }
+  });
+  if (chunks == 1) return;
+  for (index_t g = 0; g < G; ++g) {
+    const slot first = eigen_slot<slot>(scratch, g * chunks, C);
+    for (index_t j = 1; j < chunks; ++j) {
+      const slot other = eigen_slot<slot>(scratch, g * chunks + j, C);
+      for (index_t c = 0; c < C; ++c) {
+        first.sum_dy[c] += other.sum_dy[c];
+        first.sum_dy_centred[c] += other.sum_dy_centred[c];
+      }
+    }
+    store(g, first);
+  }
 }
 
 template <eigen_path Path, class T, class P>
@@ -485,7 +953,7 @@ void eigen_sums_rows(tensor_view<const T> dy, tensor_view<const T> x, span<const
   const index_t C = x.channels(), G = x.batch() / group_size;
   const index_t pixels = group_size * x.spatial(), chunks = eigen_chunks(G, team);
   const index_t units = G * chunks;
-  const index_t block = std::clamp<index_t>(eigen_block_values / C, 16, eigen_block_values);
+  const index_t block = eigen_rows_block(C);
   const eigen_pixels<const T> pdy(dy, false), px(x, false);
   auto store = [&](index_t g, const slot& s) {
     for (index_t c = 0; c < C; ++c) {
@@ -495,32 +963,30 @@ void eigen_sums_rows(tensor_view<const T> dy, tensor_view<const T> x, span<const
   };
   eigen_parallel(team, [&](int part) {
     const slot work = eigen_slot<slot>(scratch, part, C);
-    eigen_channel_row<T> rounded(work.centre, C), block_dy(work.block_dy, C),
-        block_dy_centred(work.block_dy_centred, C);
-    eigen_channel_row<double> gap(work.gap, C);
     const index_t last = eigen_first_unit(units, part + 1, team);
     for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
       const index_t g = unit / chunks, j = unit % chunks;
       const slot out = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
-      eigen_channel_row<double> total_dy(out.sum_dy, C), total_dy_centred(out.sum_dy_centred, C);
-      total_dy.setZero();
-      total_dy_centred.setZero();
       for (index_t c = 0; c < C; ++c) {
+        out.sum_dy[c] = 0;
+        out.sum_dy_centred[c] = 0;
         const double exact = double(centre[g * C + c]);
-        rounded[c] = T(exact);
-        gap[c] = double(rounded[c]) - exact;
+        work.centre[c] = T(exact);
+        work.gap[c] = double(work.centre[c]) - exact;
       }
       eigen_for_each_run(
           g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
           [&](index_t p, index_t length) {
-            const auto d = eigen_rows<Path>(pdy, p, length).array();
-            const auto v = eigen_rows<Path>(px, p, length);
-            block_dy = d.colwise().sum();
-            block_dy_centred =
-                (d * (v - eigen_repeated_row(work.centre, length, C)).array()).colwise().sum();
-            total_dy += block_dy.template cast<double>();
-            total_dy_centred +=
-                block_dy_centred.template cast<double>() + gap * block_dy.template cast<double>();
+            std::fill(work.block_dy, work.block_dy + C, T(0));
+            std::fill(work.block_dy_centred, work.block_dy_centred + C, T(0));
+            eigen_column_products(pdy.at(p), pdy.pixel_stride, pdy.channel_stride, px.at(p),
+                                  px.pixel_stride, px.channel_stride, length, C, work.centre,
+                                  work.block_dy, work.block_dy_centred);
+            for (index_t c = 0; c < C; ++c) {  // a loop the compiler vectorizes
+              out.sum_dy[c] += double(work.block_dy[c]);
+              out.sum_dy_centred[c] +=
+                  double(work.block_dy_centred[c]) + work.gap[c] * double(work.block_dy[c]);
+            }
           },
           pdy, px);
       if (chunks == 1) store(g, out);
@@ -545,6 +1011,153 @@ inline index_t eigen_elementwise_block(index_t channels) noexcept {
   return std::clamp<index_t>(eigen_block_values / channels, 16, eigen_block_values);
 }
 
+// ---- Streaming stores. An output too large to stay in cache is written around it: a plain
+// store first reads the line it writes (for ownership), so y = f(x) would move three tensors
+// where it needs two (memcpy on large sizes does the same). ----
+
+/// Outputs of at least this many bytes are written with non-temporal stores, in runs of at
+/// least eigen_stream_min_run values.
+inline constexpr std::size_t eigen_stream_min_bytes = std::size_t(8) << 20;
+inline constexpr index_t eigen_stream_min_run = 1024;
+
+template <class T, class Packet>
+inline void eigen_stream_store(T* to, const Packet& p) {  // no streaming store for this packet
+  Eigen::internal::pstoreu(to, p);
+}
+#if defined(__AVX512F__)
+inline void eigen_stream_store(float* to, const __m512& p) { _mm512_stream_ps(to, p); }
+inline void eigen_stream_store(double* to, const __m512d& p) { _mm512_stream_pd(to, p); }
+#endif
+#if defined(__AVX__)
+inline void eigen_stream_store(float* to, const __m256& p) { _mm256_stream_ps(to, p); }
+inline void eigen_stream_store(double* to, const __m256d& p) { _mm256_stream_pd(to, p); }
+#endif
+#if defined(__SSE2__)
+inline void eigen_stream_store(float* to, const __m128& p) { _mm_stream_ps(to, p); }
+inline void eigen_stream_store(double* to, const __m128d& p) { _mm_stream_pd(to, p); }
+#endif
+
+/// Orders a thread's streaming stores before whatever it does next (they are weakly ordered).
+inline void eigen_stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+/// Whether `p` is aligned to a whole packet of T (what a streaming store needs).
+template <class T>
+inline bool eigen_packet_aligned(const T* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * eigen_lanes<T>) == 0;
+}
+
+/// Stores packet `r` at `to`: streaming when asked (`to` is then packet aligned).
+template <bool stream, class T, class Packet>
+inline void eigen_store(T* to, const Packet& r) {
+  if constexpr (stream)
+    eigen_stream_store(to, r);
+  else
+    Eigen::internal::pstoreu(to, r);
+}
+
+/// out[i] = (u[i] - m) a + k (+ v[i] b) over i < n, coefficients broadcast (planes). u and v
+/// are read before out is written: out may be either.
+template <bool stream, class T>
+void eigen_affine_segment(T* out, const T* u, const T* v, index_t n, T a, T m, T k, T b) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  const packet pa = pset1<packet>(a), pm = pset1<packet>(m), pk = pset1<packet>(k),
+               pb = pset1<packet>(b);
+  const auto at = [&](index_t i) {
+    const packet r = pmadd(psub(ploadu<packet>(u + i), pm), pa, pk);
+    return v ? padd(r, pmul(ploadu<packet>(v + i), pb)) : r;
+  };
+  const auto one = [&](index_t i) {
+    out[i] = v ? (u[i] - m) * a + k + v[i] * b : (u[i] - m) * a + k;
+  };
+  index_t i = 0;
+  if constexpr (stream)
+    for (; i < n && !eigen_packet_aligned(out + i); ++i) one(i);
+  for (; i + 2 * L <= n; i += 2 * L) {
+    const packet r0 = at(i), r1 = at(i + L);
+    eigen_store<stream>(out + i, r0);
+    eigen_store<stream>(out + i + L, r1);
+  }
+  for (; i + L <= n; i += L) eigen_store<stream>(out + i, at(i));
+  for (; i < n; ++i) one(i);
+}
+
+/// The same over `rows` rows of C contiguous channels (row r of out at out + r * out_row, ...),
+/// with per-channel coefficients; a tile of channels keeps its coefficients in registers over
+/// every row. b is null without v.
+template <bool stream, class T>
+void eigen_affine_rows(T* out, index_t out_row, const T* u, index_t u_row, const T* v,
+                       index_t v_row, index_t rows, index_t C, const T* a, const T* m,
+                       const T* k, const T* b) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  if (C > eigen_register_tile * L) {
+    // Wide rows: row after row, the coefficients read from L1 (see eigen_column_sums).
+    for (index_t r = 0; r < rows; ++r) {
+      const T* ur = u + r * u_row;
+      const T* vr = v ? v + r * v_row : nullptr;
+      T* o = out + r * out_row;
+      const auto one = [&](index_t j) {
+        const T t = (ur[j] - m[j]) * a[j] + k[j];
+        o[j] = vr ? t + vr[j] * b[j] : t;
+      };
+      index_t j = 0;
+      if constexpr (stream)
+        for (; j < C && !eigen_packet_aligned(o + j); ++j) one(j);
+      for (; j + L <= C; j += L) {
+        packet res = pmadd(psub(ploadu<packet>(ur + j), ploadu<packet>(m + j)),
+                           ploadu<packet>(a + j), ploadu<packet>(k + j));
+        if (vr) res = padd(res, pmul(ploadu<packet>(vr + j), ploadu<packet>(b + j)));
+        eigen_store<stream>(o + j, res);
+      }
+      for (; j < C; ++j) one(j);
+    }
+    return;
+  }
+  // Short rows keep their coefficients in registers; they stream only when every packet of
+  // every row is aligned.
+  if constexpr (stream) {
+    if (!eigen_packet_aligned(out) || (out_row * index_t(sizeof(T))) % (L * index_t(sizeof(T))))
+      return eigen_affine_rows<false>(out, out_row, u, u_row, v, v_row, rows, C, a, m, k, b);
+  }
+  index_t c = 0;
+  const auto tile = [&](auto lanes) {
+    constexpr index_t n = decltype(lanes)::value;  // packets per tile
+    packet pa[n], pm[n], pk[n], pb[n];
+    for (index_t j = 0; j < n; ++j) {
+      pa[j] = ploadu<packet>(a + c + j * L);
+      pm[j] = ploadu<packet>(m + c + j * L);
+      pk[j] = ploadu<packet>(k + c + j * L);
+      pb[j] = b ? ploadu<packet>(b + c + j * L) : pset1<packet>(T(0));
+    }
+    for (index_t r = 0; r < rows; ++r) {
+      const T* ur = u + r * u_row + c;
+      const T* vr = v ? v + r * v_row + c : nullptr;
+      T* o = out + r * out_row + c;
+      packet res[n];
+      for (index_t j = 0; j < n; ++j) {
+        res[j] = pmadd(psub(ploadu<packet>(ur + j * L), pm[j]), pa[j], pk[j]);
+        if (vr) res[j] = padd(res[j], pmul(ploadu<packet>(vr + j * L), pb[j]));
+      }
+      for (index_t j = 0; j < n; ++j) eigen_store<stream>(o + j * L, res[j]);
+    }
+    c += n * L;
+  };
+  while (c + 2 * L <= C) tile(std::integral_constant<index_t, 2>());
+  while (c + L <= C) tile(std::integral_constant<index_t, 1>());
+  for (; c < C; ++c)
+    for (index_t r = 0; r < rows; ++r) {
+      const T t = (u[r * u_row + c] - m[c]) * a[c] + k[c];
+      out[r * out_row + c] = v ? t + v[r * v_row + c] * b[c] : t;
+    }
+}
+
 template <eigen_path Path, class T, class P>
 void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
                   span<const P> centre, tensor_view<const T> v, span<const P> b, span<const P> k,
@@ -562,6 +1175,8 @@ void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
   const index_t per_group = (pixels + block - 1) / block, units = G * per_group;
   const eigen_pixels<T> po(out, apart);
   const eigen_pixels<const T> pu(u, apart), pv(has_v ? v : u, apart);
+  const bool stream =
+      std::size_t(out.shape().elements()) * sizeof(T) >= eigen_stream_min_bytes;
   eigen_parallel(team, [&](int part) {
     coefficients at, bt, kt, mt;
     const index_t last = eigen_first_unit(units, part + 1, team);
@@ -575,7 +1190,29 @@ void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
       eigen_for_each_run(
           begin, std::min(begin + block, (g + 1) * pixels), block,
           [&](index_t p, index_t length) {
-            if constexpr (Path == eigen_path::planes) {
+            if constexpr (std::is_same_v<T, P> && Path != eigen_path::strided) {
+              // Packets of T, coefficients as they are: no conversions.
+              T* o = po.at(p);
+              const T* uu = pu.at(p);
+              const T* vv = has_v ? pv.at(p) : nullptr;
+              const auto pass = [&](auto streaming) {
+                constexpr bool s = decltype(streaming)::value;
+                if constexpr (Path == eigen_path::planes) {
+                  for (index_t c = 0; c < C; ++c)
+                    eigen_affine_segment<s>(o + c * po.channel_stride, uu + c * pu.channel_stride,
+                                            has_v ? vv + c * pv.channel_stride : nullptr, length,
+                                            ag[c], mg[c], kg[c], has_v ? bg[c] : T(0));
+                } else {
+                  eigen_affine_rows<s>(o, po.pixel_stride, uu, pu.pixel_stride, vv,
+                                       pv.pixel_stride, length, C, ag, mg, kg, bg);
+                }
+              };
+              // Streaming stores pay off on whole cache lines: long plane segments only.
+              if (stream && (Path != eigen_path::planes || length >= eigen_stream_min_run))
+                pass(std::true_type());
+              else
+                pass(std::false_type());
+            } else if constexpr (Path == eigen_path::planes) {
               T* o = po.at(p);
               const T* uu = pu.at(p);
               const T* vv = pv.at(p);
@@ -618,6 +1255,7 @@ void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
           },
           po, pu, pv);
     }
+    if (stream) eigen_stream_fence();
   });
 }
 
@@ -717,6 +1355,8 @@ struct kernels<eigen_backend> {
     const int team = detail::eigen_team(backend, x.shape().elements());
     switch (detail::eigen_choose_path(x.spatial(), x)) {
       case eigen_path::planes:
+        if (x.spatial() < detail::eigen_short_planes)
+          return detail::eigen_moments_samples(x, group_size, mean, var, scratch, team);
         return detail::eigen_moments_planes(x, group_size, mean, var, team);
       case eigen_path::rows:
         return detail::eigen_moments_rows<eigen_path::rows>(x, group_size, mean, var, scratch,
@@ -764,6 +1404,9 @@ struct kernels<eigen_backend> {
     const int team = detail::eigen_team(backend, x.shape().elements());
     switch (detail::eigen_choose_path(x.spatial(), dy, x)) {
       case eigen_path::planes:
+        if (x.spatial() < detail::eigen_short_planes)
+          return detail::eigen_sums_samples(dy, x, centre, group_size, sum_dy, sum_dy_centred,
+                                            scratch, team);
         return detail::eigen_sums_planes(dy, x, centre, group_size, sum_dy, sum_dy_centred,
                                          team);
       case eigen_path::rows:
@@ -818,11 +1461,26 @@ struct kernels<eigen_backend> {
     }
   }
 
-  /// The per-channel math: counts of G * C or G * C * C, too small to repay a fork.
+  /// The per-channel math, on the calling thread: counts of G * C or G * C * C, too small to
+  /// repay a fork. A functor with a 2-D form (grid_width(), at(row, col); see steps.hpp) runs
+  /// row by row, its inner loop free of divisions so the compiler can vectorize it.
   template <class F>
   static void for_each(const B&, index_t count, F f) {
-    for (index_t i = 0; i < count; ++i) f(i);
+    index_t i = 0;
+    if constexpr (detail::eigen_has_grid<F>::value) {
+      const index_t width = f.grid_width();
+      if (width > 0) {
+        for (; i + width <= count; i += width) {
+          const index_t row = i / width;
+          BKN_EIGEN_SIMD_LOOP
+          for (index_t col = 0; col < width; ++col) f.at(row, col);
+        }
+      }
+    }
+    for (; i < count; ++i) f(i);
   }
 };
 
 BKN_END_NAMESPACE
+
+#undef BKN_EIGEN_SIMD_LOOP
