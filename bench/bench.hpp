@@ -5,8 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -17,6 +19,27 @@
 namespace bkn_bench {
 
 using bkn::index_t;
+
+/// Allocates 64-byte aligned memory, as frameworks align their tensors (PyTorch, oneDNN):
+/// aligned vector loads and streaming stores need it.
+template <class T>
+struct aligned_allocator {
+  using value_type = T;
+  aligned_allocator() = default;
+  template <class U>
+  aligned_allocator(const aligned_allocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const aligned_allocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const aligned_allocator<U>&) const noexcept { return false; }
+};
+
+/// A tensor's or a per-channel array's host buffer.
+using buffer = std::vector<float, aligned_allocator<float>>;
 
 /// Command-line switches of bkn_bench (everything else goes to Google Benchmark).
 struct settings {
@@ -71,6 +94,8 @@ enum class method {
   bkn_identity,  ///< BKN, diagonal mode, A = I, prior = the previous layer's posterior
   bkn_dense,     ///< BKN, diagonal mode, dense C x C' A (C' = C)
   bkn_linear,    ///< BKN, diagonal mode, A through the host's linear layer + ReLU (NC only)
+  bkn_conv,      ///< BKN, diagonal mode, A through the host's 3x3 convolution + ReLU (images)
+  bkn_full,      ///< BKN, full covariance mode, A = I (C <= 256 only)
 };
 
 struct benchmark_kind {
@@ -79,7 +104,8 @@ struct benchmark_kind {
 };
 
 /// The kinds registered for one case: the four kernels, inference, and forward, backward and
-/// forward_backward for each method that applies (NC shapes add BKN-linear).
+/// forward_backward for each method that applies (NC shapes add BKN-linear, images BKN-conv,
+/// C <= 256 BKN-full).
 std::vector<benchmark_kind> benchmark_kinds(const shape_case& c, const settings& s);
 
 /// "moments", "inference", "forward_BN", "fwdbwd_BKN-dense", ...
@@ -97,6 +123,10 @@ std::string kind_name(const benchmark_kind& k);
 /// A forward that is two passes (statistics, then normalize) reads x twice, so once a tensor
 /// outgrows the caches it moves 3E, not 2E: the minimal count is the yardstick, not a claim.
 double minimal_bytes(op what, const shape_case& c);
+
+/// Whether a peer library (oneDNN, libtorch) times kind `k`: batch normalization only, i.e.
+/// inference and the BN forward, backward and forward + backward.
+bool peer_kind(const benchmark_kind& k);
 
 /// Elements of the STREAM-like baselines of a shape: a copy that moves the training forward's
 /// minimal bytes (2n = 2E + 4C floats) and a triad that moves the backward's (3n ~ 3E + 5C).
@@ -128,12 +158,12 @@ class tensors {
   const shape_case& shape() const { return case_; }
   /// Bytes held now (tensors, arrays, workspace, layers), for the cache's budget.
   std::size_t bytes() const;
-  bkn::tensor_view<float> view(std::vector<float>& data) const;
+  bkn::tensor_view<float> view(buffer& data) const;
 
   /// x, dy: inputs with a per-channel offset and scale; y, dx: outputs.
-  std::vector<float> x, y, dy, dx;
+  buffer x, y, dy, dx;
   /// G*C arrays: statistics and coefficients of the kernel benchmarks.
-  std::vector<float> mean, var, a, centre, b, k;
+  buffer mean, var, a, centre, b, k;
 
   /// `bytes` of 64-byte aligned workspace, reused (and grown) across the case's benchmarks.
   bkn::span<std::byte> workspace(std::size_t bytes);
@@ -163,6 +193,51 @@ void register_baselines(const shape_case& c);
 /// elements, threads.
 void set_counters(benchmark::State& state, double bytes, index_t elements, int threads);
 
+/// Times `op`: `setup` and two untimed calls first (the first validates the arguments and
+/// touches every buffer, the second finds warm caches and an awake thread pool), then the loop,
+/// with `sync` after each call (a fence, for asynchronous backends). `check`, run after the
+/// untimed calls, returns an empty string or why the results are wrong (the benchmark then
+/// reports that error instead of a time). Exceptions are reported the same way.
+template <class Setup, class Op, class Sync, class Check>
+void time_calls(benchmark::State& state, double bytes, index_t elements, int threads,
+                Setup&& setup, Op&& op, Sync&& sync, Check&& check) {
+  try {
+    setup();
+    sync();
+    op();
+    sync();
+    op();
+    sync();
+    const std::string wrong = check();
+    if (!wrong.empty()) {
+      state.SkipWithError(wrong.c_str());
+      return;
+    }
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  for (auto _ : state) {
+    op();
+    sync();
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, bytes, elements, threads);
+}
+
+/// Checks a peer's batch normalization on case `c` against bkn's reference backend (gamma 1,
+/// beta 0, epsilon `epsilon`), on shapes small enough for it (shape_case::small(); larger ones
+/// pass unchecked). The arrays are in the case's layout. Returns "" or what differs.
+std::string check_bn_forward(const shape_case& c, double epsilon, const float* y);
+/// dx of the BN backward for the dy of tensors_for(c), as bkn::backward computes it.
+std::string check_bn_backward(const shape_case& c, double epsilon, const float* dx);
+/// The moving mean and variance of channel `ch` the peers' inference benchmarks are given: the
+/// distribution the inputs are drawn from (the kernel benchmarks overwrite tensors::mean, var).
+float running_mean_of(index_t ch);
+float running_var_of(index_t ch);
+/// y = (x - running_mean_of(c)) / sqrt(running_var_of(c) + epsilon).
+std::string check_bn_inference(const shape_case& c, double epsilon, const float* y);
+
 // One function per backend file: registers the benchmark `k` of case `c` on that backend's
 // lines (thread counts). Declared here, defined only where the backend is built.
 void register_reference(const shape_case& c, const benchmark_kind& k, const settings& s);
@@ -171,6 +246,15 @@ void register_eigen(const shape_case& c, const benchmark_kind& k, const settings
 #endif
 #ifdef BKN_BENCH_KOKKOS
 void register_kokkos(const shape_case& c, const benchmark_kind& k, const settings& s);
+#endif
+// The peers: batch normalization of other libraries, on the kinds where peer_kind() holds.
+#ifdef BKN_BENCH_ONEDNN
+void register_onednn(const shape_case& c, const benchmark_kind& k, const settings& s);
+std::string onednn_version();  ///< "2.6.3, JIT ISA avx512_core_bf16"
+#endif
+#ifdef BKN_BENCH_TORCH
+void register_torch(const shape_case& c, const benchmark_kind& k, const settings& s);
+std::string torch_version();  ///< "1.13.0, ATen parallel backend: OpenMP"
 #endif
 
 }  // namespace bkn_bench

@@ -7,6 +7,8 @@
 #include <list>
 #include <utility>
 
+#include <bkn/backends/reference.hpp>
+
 #include "bench.hpp"
 
 namespace bkn_bench {
@@ -66,13 +68,28 @@ const char* method_name(method m) {
     case method::bkn_identity: return "BKN-identity";
     case method::bkn_dense: return "BKN-dense";
     case method::bkn_linear: return "BKN-linear";
+    case method::bkn_conv: return "BKN-conv";
+    case method::bkn_full: return "BKN-full";
   }
   return "?";
 }
 
 // Dense and linear transitions cost O(G C C') per pass in the per-channel math (predict, and the
-// transition's backward), on one thread on some backends: past this they are "huge".
+// transition's backward), a convolution's O(G C C' taps): past this they are "huge".
 constexpr double max_transition_work = double(index_t(1) << 26);
+// Full covariance mode is O(C^2) per pixel (the Gram matrix and the mixing backward): the
+// issue asks for it on C <= 256.
+constexpr index_t max_full_channels = 256;
+
+// The host layer of BKN-conv: 3x3, stride 1, zero padding 1, so its output keeps H x W.
+bkn::conv2d_geometry conv_of(const shape_case& c) {
+  bkn::conv2d_geometry g;
+  g.in_height = c.shape.height;
+  g.in_width = c.shape.width;
+  g.kernel_height = g.kernel_width = 3;
+  g.pad_height = g.pad_width = 1;
+  return g;
+}
 
 bkn::layer_config config_of(const shape_case& c, method how) {
   bkn::layer_config cfg;
@@ -92,6 +109,16 @@ bkn::layer_config config_of(const shape_case& c, method how) {
       cfg.in_channels = c.channels();
       cfg.act = bkn::activation::relu;
       break;
+    case method::bkn_conv:
+      cfg.transition = bkn::transition_kind::weights;
+      cfg.in_channels = c.channels();
+      cfg.act = bkn::activation::relu;
+      cfg.conv = conv_of(c);
+      break;
+    case method::bkn_full:
+      cfg.mode = bkn::covariance::full;
+      cfg.transition = bkn::transition_kind::identity;
+      break;
   }
   return cfg;
 }
@@ -101,7 +128,7 @@ float channel_offset(index_t c) { return 0.5f + 0.25f * float(c % 5); }
 float channel_scale(index_t c) { return 1.0f + 0.5f * float(c % 3); }
 
 // Deterministic values offset_c + scale_c * u, u uniform in [-1, 1).
-void fill(std::vector<float>& v, const shape_case& c, std::uint32_t seed) {
+void fill(buffer& v, const shape_case& c, std::uint32_t seed) {
   const index_t C = c.channels(), S = c.shape.spatial();
   std::uint32_t state = seed;
   for (std::size_t i = 0; i < v.size(); ++i) {
@@ -143,11 +170,14 @@ std::vector<benchmark_kind> benchmark_kinds(const shape_case& c, const settings&
   std::vector<benchmark_kind> kinds = {{op::moments}, {op::affine}, {op::sums}, {op::affine_v},
                                        {op::inference}};
   std::vector<method> methods = {method::bn, method::bkn_identity, method::bkn_dense};
-  if (c.lay == layout::nc) methods.push_back(method::bkn_linear);
-  const double transition_work = double(c.groups()) * double(c.channels()) * double(c.channels());
+  methods.push_back(c.lay == layout::nc ? method::bkn_linear : method::bkn_conv);
+  if (c.channels() <= max_full_channels) methods.push_back(method::bkn_full);
+  const double matrix_work = double(c.groups()) * double(c.channels()) * double(c.channels());
   for (method m : methods) {
-    const bool through_matrix = m == method::bkn_dense || m == method::bkn_linear;
-    if (through_matrix && transition_work > max_transition_work && !s.huge) continue;
+    const bool through_matrix =
+        m == method::bkn_dense || m == method::bkn_linear || m == method::bkn_conv;
+    const double work = m == method::bkn_conv ? 9 * matrix_work : matrix_work;
+    if (through_matrix && work > max_transition_work && !s.huge) continue;
     for (op o : {op::forward, op::backward, op::forward_backward}) kinds.push_back({o, m});
   }
   return kinds;
@@ -165,6 +195,12 @@ std::string kind_name(const benchmark_kind& k) {
     case op::forward_backward: return std::string("fwdbwd_") + method_name(k.how);
   }
   return "?";
+}
+
+bool peer_kind(const benchmark_kind& k) {
+  return k.what == op::inference ||
+         (k.how == method::bn &&
+          (k.what == op::forward || k.what == op::backward || k.what == op::forward_backward));
 }
 
 double minimal_bytes(op what, const shape_case& c) {
@@ -196,15 +232,17 @@ layer_setup::layer_setup(const shape_case& c, method how)
   if (how == method::bn) return;
   prior_groups = c.groups();
   prior_channels = c.channels();
-  const std::size_t n = std::size_t(prior_groups * prior_channels);
+  const index_t C = prior_channels;
+  const bool full = how == method::bkn_full;
+  const std::size_t n = std::size_t(prior_groups * C);
   prior_mean.resize(n);
-  prior_var.resize(n);
+  prior_var.assign(full ? n * std::size_t(C) : n, 0.0f);  // full mode: diagonal matrices
   for (std::size_t i = 0; i < n; ++i) {
     prior_mean[i] = 0.2f + 0.01f * float(i % 13);
-    prior_var[i] = 0.8f + 0.02f * float(i % 7);
+    prior_var[full ? i * std::size_t(C) + i % std::size_t(C) : i] = 0.8f + 0.02f * float(i % 7);
   }
   dprior_mean.assign(n, 0.0f);
-  dprior_var.assign(n, 0.0f);
+  dprior_var.assign(prior_var.size(), 0.0f);
 }
 
 bkn::gaussian_view<const float> layer_setup::prior() const {
@@ -243,7 +281,7 @@ tensors::tensors(const shape_case& c) : case_(c) {
   }
 }
 
-bkn::tensor_view<float> tensors::view(std::vector<float>& data) const {
+bkn::tensor_view<float> tensors::view(buffer& data) const {
   const bkn::tensor_shape& s = case_.shape;
   switch (case_.lay) {
     case layout::nchw: return bkn::nchw(data.data(), s.batch, s.channels, s.height, s.width);
@@ -270,7 +308,7 @@ layer_setup& tensors::layer(method how) {
 
 std::size_t tensors::bytes() const {
   std::size_t floats = 0;
-  const auto add = [&](const std::vector<float>& v) { floats += v.size(); };
+  const auto add = [&](const auto& v) { floats += v.size(); };
   for (const auto* v : {&x, &y, &dy, &dx, &mean, &var, &a, &centre, &b, &k}) add(*v);
   for (const auto& entry : layers_) {
     const layer_setup& L = *entry.second;
@@ -328,6 +366,79 @@ void set_counters(benchmark::State& state, double bytes, index_t elements, int t
   state.counters["threads"] = benchmark::Counter(double(threads));
 }
 
+// ---- checks of the peers' results ----
+
+namespace {
+
+// Relative to the size of the expected value, so one bound serves y (O(1)) and dx.
+std::string compare(const char* what, const buffer& expected, const float* got) {
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    const double e = expected[i], d = std::abs(double(got[i]) - e);
+    if (!(d <= 2e-3 * (1 + std::abs(e))))
+      return std::string(what) + " differs from bkn's reference backend at element " +
+             std::to_string(i) + ": expected " + std::to_string(e) + ", got " +
+             std::to_string(got[i]);
+  }
+  return {};
+}
+
+// The BN layer's forward (and backward) on the reference backend, on copies of the inputs.
+struct reference_bn {
+  reference_bn(const shape_case& c, double epsilon)
+      : t(tensors_for(c)), layer(config_of(c, method::bn)), y(t.x.size()), dx(t.x.size()) {
+    opt.group_size = c.group_size;
+    opt.epsilon = epsilon;
+    ws = std::make_unique<bkn::host_workspace>(bkn::workspace_size(backend, opt, c.shape));
+    x = t.x;
+    dy = t.dy;
+    bkn::forward(backend, opt, layer.view(), t.view(x), t.view(y), {}, ws->bytes());
+  }
+  void backward() {
+    bkn::backward(backend, opt, layer.view(), t.view(x), t.view(dy), t.view(dx), {}, {},
+                  ws->bytes());
+  }
+  tensors& t;
+  bkn::reference_backend backend;
+  bkn::options opt;
+  bkn::layer_storage<float> layer;
+  std::unique_ptr<bkn::host_workspace> ws;
+  buffer x, dy, y, dx;
+};
+
+}  // namespace
+
+std::string check_bn_forward(const shape_case& c, double epsilon, const float* y) {
+  if (!c.small()) return {};
+  const reference_bn r(c, epsilon);
+  return compare("y", r.y, y);
+}
+
+std::string check_bn_backward(const shape_case& c, double epsilon, const float* dx) {
+  if (!c.small()) return {};
+  reference_bn r(c, epsilon);
+  r.backward();
+  return compare("dx", r.dx, dx);
+}
+
+float running_mean_of(index_t ch) { return channel_offset(ch); }
+float running_var_of(index_t ch) {
+  const float s = channel_scale(ch);
+  return s * s / 3.0f;  // of offset + scale * U(-1, 1)
+}
+
+std::string check_bn_inference(const shape_case& c, double epsilon, const float* y) {
+  if (!c.small()) return {};
+  const tensors& t = tensors_for(c);
+  const index_t C = c.channels(), S = c.shape.spatial();
+  buffer expected(t.x.size());
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    const index_t ch = c.lay == layout::nchw ? (index_t(i) / S) % C : index_t(i) % C;
+    expected[i] = float((double(t.x[i]) - running_mean_of(ch)) /
+                        std::sqrt(double(running_var_of(ch)) + epsilon));
+  }
+  return compare("y", expected, y);
+}
+
 // ---- STREAM-like baselines ----
 
 namespace {
@@ -335,7 +446,7 @@ namespace {
 struct stream_buffers {
   explicit stream_buffers(std::size_t n) : a(n, 0.0f), b(n, 1.0f), c(n, 2.0f) {}
   std::size_t bytes() const { return 3 * a.size() * sizeof(float); }
-  std::vector<float> a, b, c;
+  buffer a, b, c;
 };
 
 stream_buffers& stream_buffers_for(const shape_case& c) {

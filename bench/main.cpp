@@ -9,6 +9,10 @@
 
 #include <benchmark/benchmark.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #ifdef BKN_BENCH_KOKKOS
 #include <Kokkos_Core.hpp>
 #endif
@@ -20,13 +24,14 @@ namespace {
 void print_help() {
   std::printf(
       "bkn_bench: Google Benchmark suite of bkn's backends (docs/benchmarks.md).\n"
-      "Names: <kind>/<backend>:t<threads>/<layout>/<shape>/gs=<samples per group|all>,\n"
-      "       copy/<shape> and triad/<shape> (STREAM-like baselines).\n"
+      "Names: <kind>/<line>:t<threads>/<layout>/<shape>/gs=<samples per group|all>,\n"
+      "       copy/<shape> and triad/<shape> (STREAM-like baselines). Lines: bkn's backends,\n"
+      "       and the peers onednn and libtorch on the batch-normalization kinds.\n"
       "bkn_bench switches:\n"
       "  --smoke        tiny shapes only (every benchmark family, seconds in all)\n"
       "  --huge         also the huge shapes and O(G C C') transitions\n"
-      "  --threads=N    threads of the multi-threaded lines: Eigen's second line and the\n"
-      "                 Kokkos OpenMP pool (default 2; BKN_BENCH_THREADS too)\n\n");
+      "  --threads=N    threads of the multi-threaded lines: Eigen's and the peers' second\n"
+      "                 line and the Kokkos OpenMP pool (default 2; BKN_BENCH_THREADS too)\n\n");
   benchmark::PrintDefaultHelp();
 }
 
@@ -47,6 +52,15 @@ int main(int argc, char** argv) {
       argv[kept++] = argv[i];
   }
   argc = kept;
+#if defined(__GLIBC__)
+  // libtorch allocates every output per call. glibc would map large blocks fresh each time
+  // (and return freed memory to the system), so each call would pay a page fault per 4 KiB
+  // (about 11 us here): the peer would be timed on the kernel's page faults. Keep freed memory
+  // instead, as the caching allocators PyTorch's CPU tuning guide recommends would. bkn and
+  // oneDNN allocate nothing in the timed loops.
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, -1);
+#endif
   if (s.threads < 1) {
     std::fprintf(stderr, "bkn_bench: --threads must be at least 1\n");
     return 2;
@@ -80,6 +94,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("bkn_shapes", s.smoke ? "smoke" : s.huge ? "all, huge included"
                                                                        : "default");
   benchmark::AddCustomContext("bkn_threads", std::to_string(s.threads));
+  benchmark::AddCustomContext("bkn_build", BKN_BENCH_FLAGS);
   std::string backends = "reference";
 #ifdef BKN_BENCH_EIGEN
   backends += ", eigen";
@@ -91,6 +106,16 @@ int main(int argc, char** argv) {
   backends += ", kokkos";
 #endif
   benchmark::AddCustomContext("bkn_backends", backends);
+  std::string peers;
+#ifdef BKN_BENCH_ONEDNN
+  benchmark::AddCustomContext("onednn", bkn_bench::onednn_version());
+  peers += "onednn";
+#endif
+#ifdef BKN_BENCH_TORCH
+  benchmark::AddCustomContext("libtorch", bkn_bench::torch_version());
+  peers += peers.empty() ? "libtorch" : ", libtorch";
+#endif
+  benchmark::AddCustomContext("bkn_peers", peers.empty() ? "none" : peers);
 
   // Case by case, kind by kind, backend by backend: the same benchmark on every backend runs
   // back to back, on buffers allocated once per case (bench.hpp, tensors_for).
@@ -104,6 +129,12 @@ int main(int argc, char** argv) {
 #endif
 #ifdef BKN_BENCH_KOKKOS
       bkn_bench::register_kokkos(c, k, s);
+#endif
+#ifdef BKN_BENCH_ONEDNN
+      bkn_bench::register_onednn(c, k, s);
+#endif
+#ifdef BKN_BENCH_TORCH
+      bkn_bench::register_torch(c, k, s);
 #endif
     }
   }

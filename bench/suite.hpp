@@ -3,7 +3,6 @@
 // the backend type: the four tensor kernels, and whole layers forward and backward.
 #pragma once
 
-#include <exception>
 #include <string>
 
 #include "bench.hpp"
@@ -22,32 +21,15 @@ struct backend_line {
 
 namespace detail {
 
-/// Times `op` on `line`: two untimed calls first (the first validates the arguments and touches
-/// the workspace, the second finds warm caches and an awake thread pool), then the loop, with a
-/// fence in it so that asynchronous backends are timed to completion.
+/// Times `op` on `line` (time_calls), with the line's fence after each call so that
+/// asynchronous backends are timed to completion.
 template <class Backend, class Setup, class Op>
 void time_loop(benchmark::State& state, const backend_line<Backend>& line, double bytes,
                index_t elements, Setup&& setup, Op&& op) {
   const auto sync = [&] {
     if (line.fence) line.fence(line.backend);
   };
-  try {
-    setup();
-    sync();
-    op();
-    sync();
-    op();
-    sync();
-  } catch (const std::exception& e) {
-    state.SkipWithError(e.what());
-    return;
-  }
-  for (auto _ : state) {
-    op();
-    sync();
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, bytes, elements, line.threads);
+  time_calls(state, bytes, elements, line.threads, setup, op, sync, [] { return std::string(); });
 }
 
 template <class Backend>
@@ -66,6 +48,7 @@ void run(benchmark::State& state, const backend_line<Backend>& line, const shape
   };
   bkn::options opt;
   opt.group_size = c.group_size;
+  if (kind.how == method::bkn_full) opt.mode = bkn::covariance::full;
 
   switch (kind.what) {
     case op::moments: {
