@@ -16,7 +16,9 @@ BKN_HOST_DEVICE inline double at_or_zero(const P* p, index_t i) {
 }
 
 /// Diagonal mode, per (g, c): the coefficients of dx and the gradients of Eq. 5's inputs.
-template <class P>
+/// `no_prior`: q = 1 (batch normalization), only the coefficients (`gain`, the observed and
+/// predicted moments, dq and the predicted gradients are neither read nor written).
+template <class P, bool no_prior = false>
 struct diag_backward_op {
   double count, epsilon;
   const P *gain, *gamma;
@@ -31,11 +33,13 @@ struct diag_backward_op {
     const index_t i = g * channels + c;
     math::diag_backward_in<double> in;
     in.count = count;
-    in.q = gain_at(gain, i);
+    in.q = no_prior ? 1.0 : gain_at(gain, i);
     in.gamma = gamma ? double(gamma[c]) : 1.0;
     in.epsilon = epsilon;
-    in.observed = {double(obs_mean[i]), double(obs_var[i])};
-    in.predicted = {double(pred_mean[i]), double(pred_var[i])};
+    if constexpr (!no_prior) {
+      in.observed = {double(obs_mean[i]), double(obs_var[i])};
+      in.predicted = {double(pred_mean[i]), double(pred_var[i])};
+    }
     in.posterior = {double(post_mean[i]), double(post_var[i])};
     in.sum_dy = double(sum_dy[i]);
     in.sum_dy_centred = double(sum_dy_centred[i]);
@@ -45,9 +49,11 @@ struct diag_backward_op {
     a[i] = P(out.a);
     b[i] = P(out.b);
     k[i] = P(out.k);
-    dq[i] = P(out.dq);
-    dmean_pred[i] = P(out.dmean_predicted);
-    dvar_pred[i] = P(out.dvar_predicted);
+    if constexpr (!no_prior) {
+      dq[i] = P(out.dq);
+      dmean_pred[i] = P(out.dmean_predicted);
+      dvar_pred[i] = P(out.dvar_predicted);
+    }
   }
 };
 
@@ -128,76 +134,40 @@ struct full_mix_matrix_op {
   }
 };
 
-/// Per channel: the parameter gradients, summed over the groups in a fixed order.
-template <class P>
+/// Per channel: the parameter gradients, summed over the groups in a fixed order (a group-sum
+/// functor, see steps.hpp). `full`: C x C covariances per group (their diagonals are read);
+/// `prior_terms`: also the gain's and the process noise's (dnoise receives sum dSigma_pred,
+/// noise_gradient_op then applies dr/drho). Every output is written: point the ones not wanted
+/// at the workspace's sink (a branch in the loop would keep it from vectorizing).
+template <class P, bool full = false, bool prior_terms = false>
 struct parameter_gradients_op {
   double epsilon;
-  index_t groups, channels, cov_stride;
-  const P *post_cov, *sum_dy, *sum_dy_centred, *dq, *gain_slope, *dcov_pred, *noise;
-  P *dgamma, *dbeta, *dgain, *dnoise;  // null: not wanted
-  // Set: dnoise receives sum dSigma_pred only; noise_gradient_op applies dr/drho afterwards
-  // (its exp keeps this loop from vectorizing).
-  bool noise_later;
+  index_t groups, channels;
+  const P *post_cov, *sum_dy, *sum_dy_centred, *dq, *gain_slope, *dcov_pred;
+  P *dgamma, *dbeta, *dgain, *dnoise;
 
-  BKN_HOST_DEVICE void operator()(index_t c) const {
+  static constexpr int sums = prior_terms ? 4 : 2;
+  BKN_HOST_DEVICE index_t group_count() const { return groups; }
+  BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
     using std::sqrt;
-    double sg = 0, sb = 0, sq = 0, sn = 0;
-    for (index_t g = 0; g < groups; ++g) {
-      const index_t i = g * channels + c;
-      const index_t d = cov_stride == 1 ? i : g * channels * channels + c * cov_stride;
-      sg += double(sum_dy_centred[i]) / sqrt(double(post_cov[d]) + epsilon);
-      sb += double(sum_dy[i]);
-      if (dgain) sq += double(dq[i]) * double(gain_slope[i]);
-      if (dnoise) sn += double(dcov_pred[d]);
-    }
-    if (dgamma) dgamma[c] = P(sg);
-    if (dbeta) dbeta[c] = P(sb);
-    if (dgain) dgain[c] = P(sq);
-    if (dnoise) dnoise[c] = P(noise_later ? sn : sn * math::sigmoid(double(noise[c])));
-  }
-};
-
-/// parameter_gradients_op over a block of channel_block channels per item, for_each'd over
-/// blocks(): the groups in the outer loop, the block's channels (one vector) in the inner one,
-/// each output summed in the same order as one channel at a time.
-inline constexpr index_t channel_block = 8;
-
-template <class P>
-struct parameter_gradient_blocks_op {
-  parameter_gradients_op<P> op;
-
-  BKN_HOST_DEVICE index_t blocks() const {
-    return (op.channels + channel_block - 1) / channel_block;
-  }
-  BKN_HOST_DEVICE void operator()(index_t b) const {
-    using std::sqrt;
-    const index_t c0 = b * channel_block, C = op.channels;
-    if (c0 + channel_block > C) {  // the last, partial block
-      for (index_t c = c0; c < C; ++c) op(c);
-      return;
-    }
-    double sg[channel_block] = {}, sb[channel_block] = {}, sq[channel_block] = {},
-           sn[channel_block] = {};
-    for (index_t g = 0; g < op.groups; ++g) {
-      const index_t i = g * C + c0;
-      const index_t d = op.cov_stride == 1 ? i : g * C * C + c0 * op.cov_stride;
-      for (index_t j = 0; j < channel_block; ++j) {
-        const index_t dj = d + j * op.cov_stride;
-        sg[j] += double(op.sum_dy_centred[i + j]) / sqrt(double(op.post_cov[dj]) + op.epsilon);
-        sb[j] += double(op.sum_dy[i + j]);
-        if (op.dgain) sq[j] += double(op.dq[i + j]) * double(op.gain_slope[i + j]);
-        if (op.dnoise) sn[j] += double(op.dcov_pred[dj]);
-      }
-    }
-    for (index_t j = 0; j < channel_block; ++j) {
-      const index_t c = c0 + j;
-      if (op.dgamma) op.dgamma[c] = P(sg[j]);
-      if (op.dbeta) op.dbeta[c] = P(sb[j]);
-      if (op.dgain) op.dgain[c] = P(sq[j]);
-      if (op.dnoise)
-        op.dnoise[c] = P(op.noise_later ? sn[j] : sn[j] * math::sigmoid(double(op.noise[c])));
+    const index_t i = g * channels + c;
+    const index_t d = full ? i * channels + c : i;
+    acc[0] += double(sum_dy_centred[i]) / sqrt(double(post_cov[d]) + epsilon);
+    acc[stride] += double(sum_dy[i]);
+    if constexpr (prior_terms) {
+      acc[2 * stride] += double(dq[i]) * double(gain_slope[i]);
+      acc[3 * stride] += double(dcov_pred[d]);
     }
   }
+  BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
+    dgamma[c] = P(acc[0]);
+    dbeta[c] = P(acc[stride]);
+    if constexpr (prior_terms) {
+      dgain[c] = P(acc[2 * stride]);
+      dnoise[c] = P(acc[3 * stride]);
+    }
+  }
+  BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
 };
 
 /// dnoise = sum dSigma_pred (written by parameter_gradients_op) times dr/drho = sigmoid(rho).
@@ -728,12 +698,14 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
     K::for_each(backend, C, detail::fill_op<P>{w.k.data(), P(0)});
     K::affine(backend, dx, dy, span<const P>(w.a), span<const P>(w.k), tensor_view<const T>(),
               span<const P>(), span<const P>(w.k), x.batch());
+    P* sink = w.sink.data();
     K::for_each(backend, C,
-                detail::parameter_gradients_op<P>{opt.epsilon, 1, C, 1, r.var.data(),
+                detail::parameter_gradients_op<P>{opt.epsilon, 1, C, r.var.data(),
                                                   w.sum_dy.data(), w.sum_dy_centred.data(),
-                                                  nullptr, nullptr, nullptr, nullptr,
-                                                  or_null(d.gamma), or_null(d.beta), nullptr,
-                                                  nullptr, false});
+                                                  nullptr, nullptr, nullptr,
+                                                  d.gamma.empty() ? sink : d.gamma.data(),
+                                                  d.beta.empty() ? sink : d.beta.data(), sink,
+                                                  sink});
     return;
   }
 
@@ -744,7 +716,7 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   if (has_prior)
     detail::compute_gains(backend, opt, p.gain_logit, predicted,
                           gaussian_view<const P>(s.observed), w);
-  else  // q = 1, as an array rather than a null pointer (see forward)
+  else if (full)  // q = 1, as an array rather than a null pointer (see forward)
     K::for_each(backend, G * C, detail::fill_op<P>{w.gain.data(), P(1)});
   const P* gain = w.gain.data();
   K::sums(backend, dy, x, span<const P>(s.posterior.mean), group_size, w.sum_dy,
@@ -753,13 +725,18 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   const P* dpost_cov = s.dposterior.empty() ? nullptr : s.dposterior.cov.data();
 
   if (!full) {
-    K::for_each(backend, G * C,
-                detail::diag_backward_op<P>{
-                    count, opt.epsilon, gain, gamma, C, s.observed.mean.data(),
-                    s.observed.cov.data(), predicted.mean.data(), predicted.cov.data(),
-                    s.posterior.mean.data(), s.posterior.cov.data(), w.sum_dy.data(),
-                    w.sum_dy_centred.data(), dpost_mean, dpost_cov, w.a.data(), w.b.data(),
-                    w.k.data(), w.dq.data(), w.dmean_predicted.data(), w.dcov_predicted.data()});
+    const auto coefficients = [&](auto op) {
+      op = {count, opt.epsilon, gain, gamma, C, s.observed.mean.data(), s.observed.cov.data(),
+            predicted.mean.data(), predicted.cov.data(), s.posterior.mean.data(),
+            s.posterior.cov.data(), w.sum_dy.data(), w.sum_dy_centred.data(), dpost_mean,
+            dpost_cov, w.a.data(), w.b.data(), w.k.data(), w.dq.data(),
+            w.dmean_predicted.data(), w.dcov_predicted.data()};
+      K::for_each(backend, G * C, op);
+    };
+    if (has_prior)
+      coefficients(detail::diag_backward_op<P>());
+    else
+      coefficients(detail::diag_backward_op<P, true>());
     // dx = b (x - mu) + a dy + k: the centred term first, in the element type.
     K::affine(backend, dx, x, span<const P>(w.b), span<const P>(s.posterior.mean), dy,
               span<const P>(w.a), span<const P>(w.k), group_size);
@@ -788,13 +765,23 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   const bool scalar_gain = has_prior && !d.gain_logit.empty() && !per_channel_gain;
   P* dnoise = has_prior ? or_null(d.noise) : nullptr;
   // A per-layer gain's gradient is summed per channel first, into w.a (dx's pass has run).
-  const detail::parameter_gradient_blocks_op<P> gradients{detail::parameter_gradients_op<P>{
-      opt.epsilon, G, C, full ? C + 1 : 1, s.posterior.cov.data(), w.sum_dy.data(),
-      w.sum_dy_centred.data(), w.dq.data(), w.gain_slope.data(), w.dcov_predicted.data(),
-      p.noise.empty() ? nullptr : p.noise.data(), or_null(d.gamma), or_null(d.beta),
-      per_channel_gain ? d.gain_logit.data() : scalar_gain ? w.a.data() : nullptr, dnoise,
-      true}};
-  K::for_each(backend, gradients.blocks(), gradients);
+  P* dgain = per_channel_gain ? d.gain_logit.data() : scalar_gain ? w.a.data() : nullptr;
+  const auto gradients = [&](auto op) {
+    P* sink = w.sink.data();
+    op = {opt.epsilon, G, C, s.posterior.cov.data(), w.sum_dy.data(), w.sum_dy_centred.data(),
+          w.dq.data(), w.gain_slope.data(), w.dcov_predicted.data(),
+          d.gamma.empty() ? sink : d.gamma.data(), d.beta.empty() ? sink : d.beta.data(),
+          dgain ? dgain : sink, dnoise ? dnoise : sink};
+    K::for_each(backend, C, op);
+  };
+  if (full && has_prior)
+    gradients(detail::parameter_gradients_op<P, true, true>());
+  else if (full)
+    gradients(detail::parameter_gradients_op<P, true>());
+  else if (has_prior)
+    gradients(detail::parameter_gradients_op<P, false, true>());
+  else
+    gradients(detail::parameter_gradients_op<P>());
   if (dnoise != nullptr)
     K::for_each(backend, C, detail::noise_gradient_op<P>{p.noise.data(), dnoise});
   if (!has_prior) return;

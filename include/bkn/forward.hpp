@@ -10,88 +10,42 @@
 BKN_BEGIN_NAMESPACE
 namespace detail {
 
-/// Moving averages from the posterior, per channel, averaged over the groups. The variance
-/// takes the observed part with Bessel's correction when asked. A non-finite estimate leaves
-/// the channel's moving averages as they were. `one_group`: groups == 1, without the loop over
-/// the groups (the same arithmetic), so that a CPU compiler can vectorize over the channels.
-template <class P, bool one_group = false>
+/// Moving averages from the posterior, per channel, averaged over the groups (a group-sum
+/// functor, see steps.hpp). The variance takes the observed part with Bessel's correction when
+/// asked. A non-finite estimate leaves the channel's moving averages as they were. `full`: the
+/// covariances are C x C matrices per group (their diagonals are read); `unit_gain`: q = 1
+/// (no prior), `gain` unread.
+template <class P, bool full = false, bool unit_gain = false>
 struct running_update_op {
-  const P *post_mean, *post_cov, *obs_cov, *gain;
-  index_t groups, channels, cov_stride;
+  const P *post_mean, *post_cov, *obs_cov, *gain;  // gain: null is q = 1
+  index_t groups, channels;
   double momentum, bessel_excess;  // m / (m - 1) - 1, or 0
-  P *mean, *var, *skipped;         // skipped: null when not counted
+  // skipped: counts the updates skipped; never null (a sink when not counted: a branch in the
+  // loop would keep it from vectorizing).
+  P *mean, *var, *skipped;
 
-  // One row of `channels`: for_each runs it over c < channels.
-  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
-  BKN_HOST_DEVICE void at(index_t, index_t c) const { (*this)(c); }
-  BKN_HOST_DEVICE void operator()(index_t c) const {
+  static constexpr int sums = 2;
+  BKN_HOST_DEVICE index_t group_count() const { return groups; }
+  BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
+    const index_t i = g * channels + c;
+    const index_t d = full ? i * channels + c : i;
+    acc[0] += double(post_mean[i]);
+    const double q = unit_gain ? 1.0 : gain_at(gain, i);
+    acc[stride] += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
+  }
+  BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
     using std::isfinite;
-    double m = 0, v = 0;
-    const index_t step = cov_stride == 1 ? channels : channels * channels;  // per group
-    const index_t first = c * cov_stride;
-    if constexpr (one_group) {
-      m = double(post_mean[c]);
-      v = double(post_cov[first]) + gain_at(gain, c) * bessel_excess * double(obs_cov[first]);
-    } else {
-      for (index_t g = 0; g < groups; ++g) {
-        const index_t d = g * step + first;
-        const double q = gain_at(gain, g * channels + c);
-        m += double(post_mean[g * channels + c]);
-        v += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
-      }
-      m /= double(groups);
-      v /= double(groups);
-    }
+    const double m = acc[0] / double(groups), v = acc[stride] / double(groups);
     // Selects rather than branches (the same values): a compiler can vectorize them.
-    const bool finite = isfinite(m) && isfinite(v);
-    if (skipped) skipped[c] += finite ? P(0) : P(1);
+    const bool finite = isfinite(m) & isfinite(v);
+    skipped[c] += finite ? P(0) : P(1);
     const P old_mean = mean[c], old_var = var[c];
     const P new_mean = P((1 - momentum) * double(old_mean) + momentum * m);
     const P new_var = P((1 - momentum) * double(old_var) + momentum * v);
     mean[c] = finite ? new_mean : old_mean;
     var[c] = finite ? new_var : old_var;
   }
-};
-
-/// running_update_op over blocks of channel_block channels (see backward.hpp's
-/// parameter_gradient_blocks_op): the groups in the outer loop, a vector of channels inside.
-inline constexpr index_t running_block = 8;
-
-template <class P>
-struct running_update_blocks_op {
-  running_update_op<P> op;
-
-  BKN_HOST_DEVICE index_t blocks() const {
-    return (op.channels + running_block - 1) / running_block;
-  }
-  BKN_HOST_DEVICE void operator()(index_t b) const {
-    using std::isfinite;
-    const index_t c0 = b * running_block, C = op.channels;
-    if (c0 + running_block > C) {
-      for (index_t c = c0; c < C; ++c) op(c);
-      return;
-    }
-    const index_t step = op.cov_stride == 1 ? C : C * C;
-    double m[running_block] = {}, v[running_block] = {};
-    for (index_t g = 0; g < op.groups; ++g)
-      for (index_t j = 0; j < running_block; ++j) {
-        const index_t c = c0 + j, d = g * step + c * op.cov_stride;
-        const double q = gain_at(op.gain, g * C + c);
-        m[j] += double(op.post_mean[g * C + c]);
-        v[j] += double(op.post_cov[d]) + q * op.bessel_excess * double(op.obs_cov[d]);
-      }
-    for (index_t j = 0; j < running_block; ++j) {
-      const index_t c = c0 + j;
-      const double mj = m[j] / double(op.groups), vj = v[j] / double(op.groups);
-      const bool finite = isfinite(mj) && isfinite(vj);
-      if (op.skipped) op.skipped[c] += finite ? P(0) : P(1);
-      const P old_mean = op.mean[c], old_var = op.var[c];
-      const P new_mean = P((1 - op.momentum) * double(old_mean) + op.momentum * mj);
-      const P new_var = P((1 - op.momentum) * double(old_var) + op.momentum * vj);
-      op.mean[c] = finite ? new_mean : old_mean;
-      op.var[c] = finite ? new_var : old_var;
-    }
-  }
+  BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
 };
 
 /// Writes the moving averages into a posterior (every group), for running-statistics inference:
@@ -224,6 +178,32 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
 
   detail::observe(backend, opt.mode, x, group_size, s.observed, w);
   const P* gain = w.gain.data();
+  const double bessel_excess =
+      opt.unbiased_running_variance && group_size * x.spatial() > 1
+          ? 1.0 / (double(group_size * x.spatial()) - 1)
+          : 0.0;
+  if (prior.empty() && !full) {
+    // Batch normalization: the posterior is the observed statistics, copied in the pass that
+    // computes the coefficients; the moving averages read the observed ones, with q = 1.
+    K::for_each(backend, G * C,
+                detail::batch_posterior_op<P>{p.gamma.empty() ? nullptr : p.gamma.data(),
+                                              p.beta.empty() ? nullptr : p.beta.data(),
+                                              s.observed.mean.data(), s.observed.cov.data(), C,
+                                              opt.epsilon, s.posterior.mean.data(),
+                                              s.posterior.cov.data(), w.a.data(), w.k.data()});
+    K::affine(backend, y, x, span<const P>(w.a), span<const P>(s.observed.mean),
+              tensor_view<const T>(), span<const P>(), span<const P>(w.k), group_size);
+    if (opt.training && !L.running.mean.empty() && L.running.skipped.empty())
+      K::for_each(backend, C, detail::fill_op<P>{w.sink.data(), P(0)});
+    if (opt.training && !L.running.mean.empty())
+      K::for_each(backend, C,
+                  detail::running_update_op<P, false, true>{
+                      s.observed.mean.data(), s.observed.cov.data(), s.observed.cov.data(),
+                      nullptr, G, C, opt.momentum, bessel_excess, L.running.mean.data(),
+                      L.running.var.data(),
+                      L.running.skipped.empty() ? w.sink.data() : L.running.skipped.data()});
+    return;
+  }
   if (prior.empty()) {
     K::for_each(backend, G * C, detail::copy_op<P>{s.observed.mean.data(), s.posterior.mean.data()});
     K::for_each(backend, s.observed.cov.size(),
@@ -242,24 +222,17 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
                     group_size, opt.epsilon, w);
 
   if (opt.training && !L.running.mean.empty()) {
-    const double m = double(group_size * x.spatial());
-    const double bessel_excess = opt.unbiased_running_variance && m > 1 ? 1.0 / (m - 1) : 0.0;
-    // One group: a loop over the channels that vectorizes; more: blocks of channels, each a
-    // vector (the same arithmetic as running_update_op either way).
-    const auto fields = [&](auto& op) {
+    if (L.running.skipped.empty()) K::for_each(backend, C, detail::fill_op<P>{w.sink.data(), P(0)});
+    const auto update = [&](auto op) {
       op = {s.posterior.mean.data(), s.posterior.cov.data(), s.observed.cov.data(), gain, G, C,
-            full ? C + 1 : 1, opt.momentum, bessel_excess, L.running.mean.data(),
-            L.running.var.data(), L.running.skipped.empty() ? nullptr : L.running.skipped.data()};
-    };
-    if (G == 1) {
-      detail::running_update_op<P, true> op;
-      fields(op);
+            opt.momentum, bessel_excess, L.running.mean.data(), L.running.var.data(),
+            L.running.skipped.empty() ? w.sink.data() : L.running.skipped.data()};
       K::for_each(backend, C, op);
-    } else {
-      detail::running_update_blocks_op<P> blocks;
-      fields(blocks.op);
-      K::for_each(backend, blocks.blocks(), blocks);
-    }
+    };
+    if (full)
+      update(detail::running_update_op<P, true>());
+    else
+      update(detail::running_update_op<P>());
   }
 }
 

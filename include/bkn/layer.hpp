@@ -80,6 +80,7 @@ struct layer_workspace {
   span<P> matrix, product, product2;    // full mode: G*C*C and G*C*max(C,C') temporaries
   span<P> gain, gain_slope;             // G*C effective gains and dq/dtheta
   span<P> skip;                         // G flags of the fusion skip rule
+  span<P> sink;                         // C: optional outputs nobody asked for (branch-free loops)
   span<P> act_mean, act_var;            // G*C' moments of the activation (weights transition)
   span<P> class_w, class_w2;            // K*C*C' tap sums per border class
   span<P> class_dmean, class_dvar;      // G*K*C gradients of the class moments
@@ -115,6 +116,7 @@ layer_workspace<P> carve_workspace(workspace_arena& arena, const Backend& backen
   w.gain = arena.take<P>(G * C);
   w.gain_slope = arena.take<P>(G * C);
   w.skip = arena.take<P>(G);
+  w.sink = arena.take<P>(C);
   w.act_mean = arena.take<P>(through_weights ? G * in_channels : 0);
   w.act_var = arena.take<P>(through_weights ? G * in_channels : 0);
   w.class_w = arena.take<P>(K * C * in_channels);

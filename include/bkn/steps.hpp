@@ -19,6 +19,23 @@ namespace detail {
 // also expose grid_width() and at(row, col), with operator()(i) == at(i / width, i % width).
 // A CPU backend may run at() over whole rows: without the division the inner loop over col
 // vectorizes.
+//
+// Functors that sum per channel over the statistics groups (the moving averages, the parameter
+// gradients) have a row form instead: `sums` accumulators per channel, group_count(),
+// add(g, c, acc, stride), which adds group g's terms to acc[0], acc[stride], ..., and
+// finish(c, acc, stride), which writes channel c's results. Their operator()(c) is
+// sum_over_groups: every add of channel c in the order of g, then finish. A CPU backend may run
+// add over a block of channels, group after group, reading each group's row contiguously
+// rather than a column of rows C apart; each sum still runs over g in order: the same bits.
+
+/// A group-sum functor's result for channel c, the groups added in order.
+template <class F>
+BKN_HOST_DEVICE inline void sum_over_groups(const F& f, index_t c) {
+  double acc[F::sums] = {};
+  const index_t groups = f.group_count();
+  for (index_t g = 0; g < groups; ++g) f.add(g, c, acc, 1);
+  f.finish(c, acc, 1);
+}
 
 template <class P>
 struct copy_op {
@@ -333,6 +350,28 @@ struct normalize_coefficients_op {
     const double var = double(cov[cov_stride == 1 ? i : g * channels * channels + c * cov_stride]);
     const double scale = (gamma ? double(gamma[c]) : 1.0) / sqrt(var + epsilon);
     a[i] = P(scale);
+    k[i] = beta ? beta[c] : P(0);
+  }
+};
+
+/// Without a prior (q = 1, diagonal mode), per (g, c): the posterior is the observed
+/// statistics, copied, and normalize_coefficients_op's a and k from them, in the same pass.
+template <class P>
+struct batch_posterior_op {
+  const P *gamma, *beta, *obs_mean, *obs_var;
+  index_t channels;
+  double epsilon;
+  P *post_mean, *post_var, *a, *k;
+
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    using std::sqrt;
+    const index_t i = g * channels + c;
+    const P var = obs_var[i];
+    post_mean[i] = obs_mean[i];
+    post_var[i] = var;
+    a[i] = P((gamma ? double(gamma[c]) : 1.0) / sqrt(double(var) + epsilon));
     k[i] = beta ? beta[c] : P(0);
   }
 };

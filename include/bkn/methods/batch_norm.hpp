@@ -133,7 +133,8 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
   if (opt.training)
     detail::update_running(
         backend, L.running, span<const P>(mean), span<const P>(var), G, C, opt.momentum,
-        detail::bessel_excess(opt.unbiased_running_variance, double(group_size * x.spatial())));
+        detail::bessel_excess(opt.unbiased_running_variance, double(group_size * x.spatial())),
+        w.sink);
 }
 
 /// The gradient of forward's y: dx, and dgamma and dbeta when given (written, not

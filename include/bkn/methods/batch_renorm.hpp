@@ -172,7 +172,8 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
   detail::update_running(
       backend, L.running, span<const P>(L.saved.mean), span<const P>(L.saved.var), G, C,
       opt.momentum,
-      detail::bessel_excess(opt.unbiased_running_variance, double(group_size * x.spatial())));
+      detail::bessel_excess(opt.unbiased_running_variance, double(group_size * x.spatial())),
+      w.sink);
 }
 
 /// The gradient of forward's y, r and d held constant (the method's definition): dx, and dgamma

@@ -349,7 +349,7 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
                           span<const P>(L.saved.var), G, group_size, opt.epsilon, w);
   if (push)
     detail::update_running(backend, L.running, span<const P>(L.saved.mean), span<const P>(w.var), G,
-                           C, opt.momentum, 0.0);
+                           C, opt.momentum, 0.0, w.sink);
 }
 
 /// The gradient of forward's y: dx, and dgamma and dbeta when given (written, not

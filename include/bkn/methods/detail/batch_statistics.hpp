@@ -58,20 +58,23 @@ struct affine_gradients_op {
   index_t groups, channels;
   const P *var, *sum_dy, *sum_dy_centred;
   const P *scale, *shift;  // r and d per (g, c); null: 1 and 0
-  P *dgamma, *dbeta;       // null: not wanted
+  P *dgamma, *dbeta;       // never null: the workspace's sink when not wanted
 
-  BKN_HOST_DEVICE void operator()(index_t c) const {
+  static constexpr int sums = 2;  // a group-sum functor (steps.hpp)
+  BKN_HOST_DEVICE index_t group_count() const { return groups; }
+  BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
     using std::sqrt;
-    double sg = 0, sb = 0;
-    for (index_t g = 0; g < groups; ++g) {
-      const index_t i = g * channels + c;
-      const double r = scale ? double(scale[i]) : 1.0, d = shift ? double(shift[i]) : 0.0;
-      sg += r * double(sum_dy_centred[i]) / sqrt(double(var[i]) + epsilon) + d * double(sum_dy[i]);
-      sb += double(sum_dy[i]);
-    }
-    if (dgamma) dgamma[c] = P(sg);
-    if (dbeta) dbeta[c] = P(sb);
+    const index_t i = g * channels + c;
+    const double r = scale ? double(scale[i]) : 1.0, d = shift ? double(shift[i]) : 0.0;
+    acc[0] += r * double(sum_dy_centred[i]) / sqrt(double(var[i]) + epsilon) +
+              d * double(sum_dy[i]);
+    acc[stride] += double(sum_dy[i]);
   }
+  BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
+    dgamma[c] = P(acc[0]);
+    dbeta[c] = P(acc[stride]);
+  }
+  BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
 };
 
 // ---- workspace ----
@@ -82,6 +85,7 @@ struct batch_workspace {
   span<P> a, b, k;                 // coefficients of the tensor passes
   span<P> sum_dy, sum_dy_centred;  // backward reductions
   span<P> mean, var;               // statistics a method derives on the fly
+  span<P> sink;                    // C: optional outputs nobody asked for (branch-free loops)
   span<std::byte> scratch;         // the backend's own
 };
 
@@ -92,6 +96,7 @@ batch_workspace<P> carve_batch_workspace(workspace_arena& arena, const Backend& 
   batch_workspace<P> w;
   for (span<P>* v : {&w.a, &w.b, &w.k, &w.sum_dy, &w.sum_dy_centred, &w.mean, &w.var})
     *v = arena.take<P>(n);
+  w.sink = arena.take<P>(x.channels);
   // Inference passes run over the whole batch as one group, training ones over the groups.
   using K = kernels<Backend>;
   std::size_t scratch = K::scratch_bytes(backend, x, group_size, covariance::diagonal);
@@ -252,8 +257,8 @@ void constant_statistics_backward(const Backend& backend, tensor_view<const T> x
   K::for_each(
       backend, C,
       affine_gradients_op<P>{epsilon, 1, C, var.data(), w.sum_dy.data(), w.sum_dy_centred.data(),
-                             nullptr, nullptr, dgamma.empty() ? nullptr : dgamma.data(),
-                             dbeta.empty() ? nullptr : dbeta.data()});
+                             nullptr, nullptr, dgamma.empty() ? w.sink.data() : dgamma.data(),
+                             dbeta.empty() ? w.sink.data() : dbeta.data()});
 }
 
 /// What the backward through batch statistics reads besides x and dy (see batch_backward_op).
@@ -288,22 +293,25 @@ void batch_backward(const Backend& backend, tensor_view<const T> x, tensor_view<
   K::for_each(backend, C,
               affine_gradients_op<P>{epsilon, G, C, in.var.data(), w.sum_dy.data(),
                                      w.sum_dy_centred.data(), or_null(in.scale), or_null(in.shift),
-                                     dgamma.empty() ? nullptr : dgamma.data(),
-                                     dbeta.empty() ? nullptr : dbeta.data()});
+                                     dgamma.empty() ? w.sink.data() : dgamma.data(),
+                                     dbeta.empty() ? w.sink.data() : dbeta.data()});
 }
 
 /// The moving averages from per-(g, c) statistics averaged over the groups; `var` is taken
-/// as it is (Bessel's correction applied by the caller) unless bessel_excess > 0.
+/// as it is (Bessel's correction applied by the caller) unless bessel_excess > 0. `sink`: the
+/// workspace's, counting nothing when r.skipped is absent.
 template <class Backend, class P>
 void update_running(const Backend& backend, const running_statistics<P>& r, span<const P> mean,
                     span<const P> var, index_t groups, index_t channels, double momentum,
-                    double bessel_excess) {
+                    double bessel_excess, span<P> sink) {
+  using K = kernels<Backend>;
   if (r.mean.empty()) return;
-  kernels<Backend>::for_each(
-      backend, channels,
-      running_update_op<P>{mean.data(), var.data(), var.data(), nullptr, groups, channels, 1,
-                           momentum, bessel_excess, r.mean.data(), r.var.data(),
-                           r.skipped.empty() ? nullptr : r.skipped.data()});
+  if (r.skipped.empty()) K::for_each(backend, channels, fill_op<P>{sink.data(), P(0)});
+  K::for_each(backend, channels,
+              running_update_op<P, false, true>{
+                  mean.data(), var.data(), var.data(), nullptr, groups, channels, momentum,
+                  bessel_excess, r.mean.data(), r.var.data(),
+                  r.skipped.empty() ? sink.data() : r.skipped.data()});
 }
 
 /// m / (m - 1) - 1 for Bessel's correction of a variance over m values, when asked.
