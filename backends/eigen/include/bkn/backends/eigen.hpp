@@ -123,6 +123,12 @@ inline index_t eigen_chunks(index_t groups, int team) noexcept {
   return groups >= team ? 1 : team / groups;
 }
 
+/// Eigen's widest packet of T (T itself where Eigen does not vectorize T).
+template <class T>
+using eigen_packet = typename Eigen::internal::packet_traits<T>::type;
+template <class T>
+inline constexpr index_t eigen_lanes = Eigen::internal::unpacket_traits<eigen_packet<T>>::size;
+
 /// Carves 64-byte aligned arrays out of a slot of the scratch; over no memory, only measures.
 class eigen_carver {
  public:
@@ -343,14 +349,16 @@ auto eigen_repeated_row(const T* row, index_t length, index_t channels) {
 // them up in a fixed order: the result depends on the data and its length alone. ----
 
 /// Packets of channels that the channels-last kernels keep in registers over a block of rows;
-/// wider rows stream row after row instead.
+/// wider rows go packet by packet over eigen_row_group rows at a time instead.
 inline constexpr index_t eigen_register_tile = 4;
+/// Rows that the wide-row kernels read side by side: each accumulator (or coefficient) is
+/// loaded once per this many rows, not once per row. Row by row, each packet's running sum
+/// would go through memory every row, and a 64-byte store that the next row's load must wait
+/// for (split in two by some CPUs, so not forwarded) costs more than the arithmetic.
+inline constexpr index_t eigen_row_group = 8;
+/// Per-channel coefficients of up to this many bytes stay in L1 while rows stream past.
+inline constexpr std::size_t eigen_l1_coefficient_bytes = std::size_t(16) << 10;
 
-/// Eigen's widest packet of T (T itself where Eigen does not vectorize T).
-template <class T>
-using eigen_packet = typename Eigen::internal::packet_traits<T>::type;
-template <class T>
-inline constexpr index_t eigen_lanes = Eigen::internal::unpacket_traits<eigen_packet<T>>::size;
 
 /// sum (x[i] - shift) over i < n, and with `squares` sum (x[i] - shift)^2.
 template <bool squares, class T>
@@ -422,21 +430,32 @@ void eigen_column_sums(const T* x, index_t rows, index_t C, index_t row_stride, 
     acc = squares ? pmadd(d, d, acc) : padd(acc, d);
   };
   if (C > eigen_register_tile * L) {
-    // Wide rows: row after row, the accumulators in `out` (L1). A tile of channels over all
-    // rows would read the rows a few cache lines at a time, a pattern memory streams poorly.
+    // Wide rows: eigen_row_group rows side by side, packet by packet, the accumulators in
+    // `out` (L1). A tile of channels over all rows would read the rows a few cache lines at a
+    // time, a pattern memory streams poorly.
     std::fill(out, out + C, T(0));
-    for (index_t r = 0; r < rows; ++r) {
-      const T* row = x + r * row_stride;
+    constexpr index_t R = eigen_row_group;
+    for (index_t r0 = 0; r0 < rows; r0 += R) {
+      const index_t n = std::min(R, rows - r0);
+      const T* rows_at = x + r0 * row_stride;
       index_t c = 0;
       for (; c + L <= C; c += L) {
+        const packet sh = ploadu<packet>(shift + c);
         packet acc = ploadu<packet>(out + c);
-        add(acc, psub(ploadu<packet>(row + c), ploadu<packet>(shift + c)));
+        if (n == R) {
+          for (index_t r = 0; r < R; ++r)
+            add(acc, psub(ploadu<packet>(rows_at + r * row_stride + c), sh));
+        } else {
+          for (index_t r = 0; r < n; ++r)
+            add(acc, psub(ploadu<packet>(rows_at + r * row_stride + c), sh));
+        }
         pstoreu(out + c, acc);
       }
-      for (; c < C; ++c) {
-        const T d = row[c] - shift[c];
-        out[c] += squares ? d * d : d;
-      }
+      for (; c < C; ++c)
+        for (index_t r = 0; r < n; ++r) {
+          const T d = rows_at[r * row_stride + c] - shift[c];
+          out[c] += squares ? d * d : d;
+        }
     }
     return;
   }
@@ -499,43 +518,69 @@ void eigen_column_products(const T* dy, index_t dy_row, index_t dy_channel, cons
   constexpr index_t L = eigen_lanes<T>;
   index_t c = 0;
   if (dy_channel == 1 && x_channel == 1 && C > eigen_register_tile * L) {
-    // Wide rows: row after row (see eigen_column_sums), the sums accumulating in place.
-    for (index_t r = 0; r < rows; ++r) {
-      const T* dr = dy + r * dy_row;
-      const T* xr = x + r * x_row;
+    // Wide rows: eigen_row_group rows side by side (see eigen_column_sums), the sums
+    // accumulating in place.
+    constexpr index_t R = eigen_row_group;
+    for (index_t r0 = 0; r0 < rows; r0 += R) {
+      const index_t n = std::min(R, rows - r0);
+      const T* dr = dy + r0 * dy_row;
+      const T* xr = x + r0 * x_row;
       index_t j = 0;
+      const auto rows_of = [&](index_t count) {
+        const packet m = ploadu<packet>(centre + j);
+        packet sd = ploadu<packet>(sum_dy + j), sp = ploadu<packet>(sum_dy_centred + j);
+        for (index_t r = 0; r < count; ++r) {
+          const packet d = ploadu<packet>(dr + r * dy_row + j);
+          sd = padd(sd, d);
+          sp = pmadd(d, psub(ploadu<packet>(xr + r * x_row + j), m), sp);
+        }
+        pstoreu(sum_dy + j, sd);
+        pstoreu(sum_dy_centred + j, sp);
+      };
       for (; j + L <= C; j += L) {
-        const packet d = ploadu<packet>(dr + j);
-        pstoreu(sum_dy + j, padd(ploadu<packet>(sum_dy + j), d));
-        pstoreu(sum_dy_centred + j,
-                pmadd(d, psub(ploadu<packet>(xr + j), ploadu<packet>(centre + j)),
-                      ploadu<packet>(sum_dy_centred + j)));
+        if (n == R)
+          rows_of(R);
+        else
+          rows_of(n);
       }
-      for (; j < C; ++j) {
-        sum_dy[j] += dr[j];
-        sum_dy_centred[j] += dr[j] * (xr[j] - centre[j]);
-      }
+      for (; j < C; ++j)
+        for (index_t r = 0; r < n; ++r) {
+          const T d = dr[r * dy_row + j];
+          sum_dy[j] += d;
+          sum_dy_centred[j] += d * (xr[r * x_row + j] - centre[j]);
+        }
     }
     return;
   }
   if (dy_channel == 1 && x_channel == 1) {
-    for (; c + 2 * L <= C; c += 2 * L) {
-      const packet m0 = ploadu<packet>(centre + c), m1 = ploadu<packet>(centre + c + L);
-      packet d0 = pset1<packet>(T(0)), d1 = d0, p0 = d0, p1 = d0;
+    // Tiles of four packets, then two, then one: every accumulator in a register over all rows.
+    const auto tile = [&](auto packets) {
+      constexpr index_t n = decltype(packets)::value;
+      packet m[n], d[n], p[n];
+      for (index_t t = 0; t < n; ++t) {
+        m[t] = ploadu<packet>(centre + c + t * L);
+        d[t] = pset1<packet>(T(0));
+        p[t] = d[t];
+      }
       for (index_t r = 0; r < rows; ++r) {
         const T* d_at = dy + r * dy_row + c;
         const T* x_at = x + r * x_row + c;
-        const packet a = ploadu<packet>(d_at), b = ploadu<packet>(d_at + L);
-        d0 = padd(d0, a);
-        d1 = padd(d1, b);
-        p0 = pmadd(a, psub(ploadu<packet>(x_at), m0), p0);
-        p1 = pmadd(b, psub(ploadu<packet>(x_at + L), m1), p1);
+        for (index_t t = 0; t < n; ++t) {
+          const packet a = ploadu<packet>(d_at + t * L);
+          d[t] = padd(d[t], a);
+          p[t] = pmadd(a, psub(ploadu<packet>(x_at + t * L), m[t]), p[t]);
+        }
       }
-      pstoreu(sum_dy + c, padd(ploadu<packet>(sum_dy + c), d0));
-      pstoreu(sum_dy + c + L, padd(ploadu<packet>(sum_dy + c + L), d1));
-      pstoreu(sum_dy_centred + c, padd(ploadu<packet>(sum_dy_centred + c), p0));
-      pstoreu(sum_dy_centred + c + L, padd(ploadu<packet>(sum_dy_centred + c + L), p1));
-    }
+      for (index_t t = 0; t < n; ++t) {
+        pstoreu(sum_dy + c + t * L, padd(ploadu<packet>(sum_dy + c + t * L), d[t]));
+        pstoreu(sum_dy_centred + c + t * L,
+                padd(ploadu<packet>(sum_dy_centred + c + t * L), p[t]));
+      }
+      c += n * L;
+    };
+    while (c + 4 * L <= C) tile(std::integral_constant<index_t, 4>());
+    while (c + 2 * L <= C) tile(std::integral_constant<index_t, 2>());
+    while (c + L <= C) tile(std::integral_constant<index_t, 1>());
   }
   for (; c < C; ++c) {
     T s_dy = 0, s_dyc = 0;
@@ -639,9 +684,11 @@ void eigen_moments_planes(tensor_view<const T> x, index_t group_size, span<P> me
   });
 }
 
-/// Planes below this many values are read sample by sample (all of a sample's planes in
-/// memory order), not channel by channel: a channel's short planes lie a whole sample apart.
-inline constexpr index_t eigen_short_planes = 1024;
+/// Planes of at most this many values are read sample by sample (all of a sample's planes in
+/// memory order), not channel by channel: memory streams one long run better than a channel's
+/// planes, a whole sample apart (measured: about 1.5x on 56x56 planes). Longer planes are cut
+/// into blocks of their own.
+inline constexpr index_t eigen_short_planes = eigen_block_values;
 
 /// moments on short planes: a unit is a group (or a chunk of one), read in blocks of whole
 /// samples; within a block each channel is summed as in eigen_block_statistics.
@@ -1114,8 +1161,39 @@ void eigen_affine_rows(T* out, index_t out_row, const T* u, index_t u_row, const
   using namespace Eigen::internal;
   using packet = eigen_packet<T>;
   constexpr index_t L = eigen_lanes<T>;
+  // Rows whose coefficients outgrow L1 (and whose packets all align alike, or that do not
+  // stream): eigen_row_group rows side by side, each packet's coefficients loaded once for all
+  // of them. Rows whose coefficients fit stream faster one after another (measured).
+  const std::size_t coefficient_bytes = std::size_t(C) * sizeof(T) * (v ? 4 : 3);
+  if (coefficient_bytes > eigen_l1_coefficient_bytes &&
+      (!stream || (eigen_packet_aligned(out) && out_row % L == 0))) {
+    constexpr index_t R = eigen_row_group;
+    for (index_t r0 = 0; r0 < rows; r0 += R) {
+      const index_t n = std::min(R, rows - r0);
+      const T* ur = u + r0 * u_row;
+      const T* vr = v ? v + r0 * v_row : nullptr;
+      T* o = out + r0 * out_row;
+      index_t j = 0;
+      for (; j + L <= C; j += L) {
+        const packet pa = ploadu<packet>(a + j), pm = ploadu<packet>(m + j),
+                     pk = ploadu<packet>(k + j);
+        const packet pb = vr ? ploadu<packet>(b + j) : pk;
+        for (index_t r = 0; r < n; ++r) {
+          packet res = pmadd(psub(ploadu<packet>(ur + r * u_row + j), pm), pa, pk);
+          if (vr) res = padd(res, pmul(ploadu<packet>(vr + r * v_row + j), pb));
+          eigen_store<stream>(o + r * out_row + j, res);
+        }
+      }
+      for (; j < C; ++j)
+        for (index_t r = 0; r < n; ++r) {
+          const T t = (ur[r * u_row + j] - m[j]) * a[j] + k[j];
+          o[r * out_row + j] = vr ? t + vr[r * v_row + j] * b[j] : t;
+        }
+    }
+    return;
+  }
   if (C > eigen_register_tile * L) {
-    // Wide rows: row after row, the coefficients read from L1 (see eigen_column_sums).
+    // Wide rows, unevenly aligned: row after row, the coefficients read from L1.
     for (index_t r = 0; r < rows; ++r) {
       const T* ur = u + r * u_row;
       const T* vr = v ? v + r * v_row : nullptr;
@@ -1372,7 +1450,7 @@ struct kernels<eigen_backend> {
     const int team = detail::eigen_team(backend, x.shape().elements());
     switch (detail::eigen_choose_path(x.spatial(), x)) {
       case eigen_path::planes:
-        if (x.spatial() < detail::eigen_short_planes)
+        if (x.spatial() <= detail::eigen_short_planes)
           return detail::eigen_moments_samples(x, group_size, mean, var, scratch, team);
         return detail::eigen_moments_planes(x, group_size, mean, var, team);
       case eigen_path::rows:
@@ -1421,7 +1499,7 @@ struct kernels<eigen_backend> {
     const int team = detail::eigen_team(backend, x.shape().elements());
     switch (detail::eigen_choose_path(x.spatial(), dy, x)) {
       case eigen_path::planes:
-        if (x.spatial() < detail::eigen_short_planes)
+        if (x.spatial() <= detail::eigen_short_planes)
           return detail::eigen_sums_samples(dy, x, centre, group_size, sum_dy, sum_dy_centred,
                                             scratch, team);
         return detail::eigen_sums_planes(dy, x, centre, group_size, sum_dy, sum_dy_centred,
