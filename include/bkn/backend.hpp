@@ -54,6 +54,13 @@ inline constexpr bool always_false = false;
 ///       calls f(i) for every i in [0, count) where the backend's memory lives (f is a
 ///       BKN_HOST_DEVICE functor writing disjoint outputs): the per-channel math.
 ///
+/// and optionally
+///
+///   static index_t group_chunk(const B&, const tensor_shape& x, index_t group_size);
+///       how many statistics groups forward and backward should take through their steps at a
+///       time (each chunk's passes and per-channel math one after another, so that a chunk's
+///       tensors and per-group arrays are read again from cache); absent or 0: all at once.
+///
 /// Every pass is asynchronous with respect to the host on backends that have a stream, and
 /// ordered with the others on the same backend value. The host-side checks are done by the
 /// core routines before any pass runs; kernels assume valid arguments.

@@ -3,6 +3,7 @@
 // transition, the process noise and the previous layer's posterior, so it flows along the chain.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "bkn/forward.hpp"
@@ -24,7 +25,9 @@ struct diag_backward_op {
   const P *gain, *gamma;
   index_t channels;
   const P *obs_mean, *obs_var, *pred_mean, *pred_var, *post_mean, *post_var;
-  const P *sum_dy, *sum_dy_centred, *dpost_mean, *dpost_var;
+  const P *sum_dy, *dpost_mean, *dpost_var;
+  // In: sum dy (x - mu); out, in its place: the (g, c) part of dgamma (read, then written).
+  P* sum_dy_centred;
   P *a, *b, *k, *dq, *dmean_pred, *dvar_pred;
 
   BKN_HOST_DEVICE index_t grid_width() const { return channels; }
@@ -49,6 +52,7 @@ struct diag_backward_op {
     a[i] = P(out.a);
     b[i] = P(out.b);
     k[i] = P(out.k);
+    sum_dy_centred[i] = P(out.dgamma);
     if constexpr (!no_prior) {
       dq[i] = P(out.dq);
       dmean_pred[i] = P(out.dmean_predicted);
@@ -134,29 +138,47 @@ struct full_mix_matrix_op {
   }
 };
 
+/// Per (g, c), in place: sum dy (x - mu) / sqrt(var + eps), the (g, c) part of dgamma (what
+/// diag_backward_op leaves; the other backward paths call this). `full`: C x C covariances
+/// per group (their diagonals are read).
+template <class P, bool full = false>
+struct dgamma_parts_op {
+  double epsilon;
+  index_t channels;
+  const P* cov;
+  P* sum_dy_centred;
+
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    using std::sqrt;
+    const index_t i = g * channels + c;
+    const double var = double(cov[full ? i * channels + c : i]);
+    sum_dy_centred[i] = P(double(sum_dy_centred[i]) / sqrt(var + epsilon));
+  }
+};
+
 /// Per channel: the parameter gradients, summed over the groups in a fixed order (a group-sum
-/// functor, see steps.hpp). `full`: C x C covariances per group (their diagonals are read);
-/// `prior_terms`: also the gain's and the process noise's (dnoise receives sum dSigma_pred,
-/// noise_gradient_op then applies dr/drho). Every output is written: point the ones not wanted
-/// at the workspace's sink (a branch in the loop would keep it from vectorizing).
+/// functor, see steps.hpp), from the (g, c) parts of dgamma (dgamma_parts_op). `full`: C x C
+/// covariances per group (the diagonals of dSigma_pred are read); `prior_terms`: also the
+/// gain's and the process noise's (dnoise receives sum dSigma_pred, noise_gradient_op then
+/// applies dr/drho). Every output is written: point the ones not wanted at the workspace's
+/// sink (a branch in the loop would keep it from vectorizing).
 template <class P, bool full = false, bool prior_terms = false>
 struct parameter_gradients_op {
-  double epsilon;
   index_t groups, channels;
-  const P *post_cov, *sum_dy, *sum_dy_centred, *dq, *gain_slope, *dcov_pred;
+  const P *dgamma_part, *sum_dy, *dq, *gain_slope, *dcov_pred;
   P *dgamma, *dbeta, *dgain, *dnoise;
 
   static constexpr int sums = prior_terms ? 4 : 2;
   BKN_HOST_DEVICE index_t group_count() const { return groups; }
   BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
-    using std::sqrt;
     const index_t i = g * channels + c;
-    const index_t d = full ? i * channels + c : i;
-    acc[0] += double(sum_dy_centred[i]) / sqrt(double(post_cov[d]) + epsilon);
+    acc[0] += double(dgamma_part[i]);
     acc[stride] += double(sum_dy[i]);
     if constexpr (prior_terms) {
       acc[2 * stride] += double(dq[i]) * double(gain_slope[i]);
-      acc[3 * stride] += double(dcov_pred[d]);
+      acc[3 * stride] += double(dcov_pred[full ? i * channels + c : i]);
     }
   }
   BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
@@ -600,6 +622,65 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
                                  dprior.cov.data(), G, PG, Cin, Cin, C, false});
 }
 
+/// backward's steps for one chunk of groups (every view and array of those groups alone): the
+/// gains, the reductions, the coefficients of dx and the gradients of Eq. 5's inputs, and dx.
+template <class Backend, class T, class P>
+void backward_groups(const Backend& backend, const options& opt, const parameters<P>& p,
+                     bool has_prior, tensor_view<const T> x, tensor_view<const T> dy,
+                     tensor_view<T> dx, index_t group_size, gaussian_view<const P> observed,
+                     gaussian_view<const P> predicted, gaussian_view<const P> posterior,
+                     gaussian_view<const P> dposterior, const layer_workspace<P>& w) {
+  using K = kernels<Backend>;
+  const index_t C = x.channels(), G = observed.groups;
+  const bool full = opt.mode == covariance::full;
+  const P* gamma = p.gamma.empty() ? nullptr : p.gamma.data();
+  const double count = double(group_size * x.spatial());
+  if (has_prior)
+    compute_gains(backend, opt, p.gain_logit, predicted, observed, w);
+  else if (full)  // q = 1, as an array rather than a null pointer (see forward)
+    K::for_each(backend, G * C, fill_op<P>{w.gain.data(), P(1)});
+  const P* gain = w.gain.data();
+  K::sums(backend, dy, x, posterior.mean, group_size, w.sum_dy, w.sum_dy_centred, w.scratch);
+  const P* dpost_mean = dposterior.empty() ? nullptr : dposterior.mean.data();
+  const P* dpost_cov = dposterior.empty() ? nullptr : dposterior.cov.data();
+
+  if (!full) {
+    const auto coefficients = [&](auto op) {
+      op = {count, opt.epsilon, gain, gamma, C, observed.mean.data(), observed.cov.data(),
+            predicted.mean.data(), predicted.cov.data(), posterior.mean.data(),
+            posterior.cov.data(), w.sum_dy.data(), dpost_mean, dpost_cov,
+            w.sum_dy_centred.data(), w.a.data(), w.b.data(), w.k.data(), w.dq.data(),
+            w.dmean_predicted.data(), w.dcov_predicted.data()};
+      K::for_each(backend, G * C, op);
+    };
+    if (has_prior)
+      coefficients(diag_backward_op<P>());
+    else
+      coefficients(diag_backward_op<P, true>());
+    // dx = b (x - mu) + a dy + k: the centred term first, in the element type.
+    K::affine(backend, dx, x, span<const P>(w.b), posterior.mean, dy, span<const P>(w.a),
+              span<const P>(w.k), group_size);
+    return;
+  }
+  K::for_each(backend, G * C * C,
+              full_gradient_matrix_op<P>{opt.epsilon, gamma, posterior.cov.data(),
+                                         w.sum_dy_centred.data(), dpost_cov, C, w.matrix.data()});
+  K::for_each(backend, G * C,
+              full_backward_vector_op<P>{
+                  count, opt.epsilon, gain, gamma, C, w.matrix.data(), observed.mean.data(),
+                  observed.cov.data(), predicted.mean.data(), predicted.cov.data(),
+                  posterior.mean.data(), posterior.cov.data(), w.sum_dy.data(), dpost_mean,
+                  w.a.data(), w.k.data(), w.dmean.data(), w.dq.data(), w.dmean_predicted.data()});
+  K::for_each(backend, G * C * C,
+              full_mix_matrix_op<P>{count, gain, C, w.matrix.data(), w.product2.data(),
+                                    w.dcov_predicted.data()});
+  K::mix(backend, dx, dy, span<const P>(w.a), x, span<const P>(w.product2.subspan(0, G * C * C)),
+         posterior.mean, span<const P>(w.k), group_size);
+  K::for_each(backend, G * C,
+              dgamma_parts_op<P, true>{opt.epsilon, C, posterior.cov.data(),
+                                       w.sum_dy_centred.data()});
+}
+
 }  // namespace detail
 
 /// One layer's backward pass: the complete gradient of docs/math.md.
@@ -700,8 +781,9 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
               span<const P>(), span<const P>(w.k), x.batch());
     P* sink = w.sink.data();
     K::for_each(backend, C,
-                detail::parameter_gradients_op<P>{opt.epsilon, 1, C, r.var.data(),
-                                                  w.sum_dy.data(), w.sum_dy_centred.data(),
+                detail::dgamma_parts_op<P>{opt.epsilon, C, r.var.data(), w.sum_dy_centred.data()});
+    K::for_each(backend, C,
+                detail::parameter_gradients_op<P>{1, C, w.sum_dy_centred.data(), w.sum_dy.data(),
                                                   nullptr, nullptr, nullptr,
                                                   d.gamma.empty() ? sink : d.gamma.data(),
                                                   d.beta.empty() ? sink : d.beta.data(), sink,
@@ -709,55 +791,22 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
     return;
   }
 
-  const double count = double(group_size * x.spatial());
   // Without a prior q = 1: the predicted state is irrelevant; pass the observed one.
   const gaussian_view<const P> predicted = has_prior ? gaussian_view<const P>(s.predicted)
                                                      : gaussian_view<const P>(s.observed);
-  if (has_prior)
-    detail::compute_gains(backend, opt, p.gain_logit, predicted,
-                          gaussian_view<const P>(s.observed), w);
-  else if (full)  // q = 1, as an array rather than a null pointer (see forward)
-    K::for_each(backend, G * C, detail::fill_op<P>{w.gain.data(), P(1)});
-  const P* gain = w.gain.data();
-  K::sums(backend, dy, x, span<const P>(s.posterior.mean), group_size, w.sum_dy,
-          w.sum_dy_centred, w.scratch);
-  const P* dpost_mean = s.dposterior.empty() ? nullptr : s.dposterior.mean.data();
-  const P* dpost_cov = s.dposterior.empty() ? nullptr : s.dposterior.cov.data();
-
-  if (!full) {
-    const auto coefficients = [&](auto op) {
-      op = {count, opt.epsilon, gain, gamma, C, s.observed.mean.data(), s.observed.cov.data(),
-            predicted.mean.data(), predicted.cov.data(), s.posterior.mean.data(),
-            s.posterior.cov.data(), w.sum_dy.data(), w.sum_dy_centred.data(), dpost_mean,
-            dpost_cov, w.a.data(), w.b.data(), w.k.data(), w.dq.data(),
-            w.dmean_predicted.data(), w.dcov_predicted.data()};
-      K::for_each(backend, G * C, op);
-    };
-    if (has_prior)
-      coefficients(detail::diag_backward_op<P>());
-    else
-      coefficients(detail::diag_backward_op<P, true>());
-    // dx = b (x - mu) + a dy + k: the centred term first, in the element type.
-    K::affine(backend, dx, x, span<const P>(w.b), span<const P>(s.posterior.mean), dy,
-              span<const P>(w.a), span<const P>(w.k), group_size);
-  } else {
-    K::for_each(backend, G * C * C,
-                detail::full_gradient_matrix_op<P>{opt.epsilon, gamma, s.posterior.cov.data(),
-                                                   w.sum_dy_centred.data(), dpost_cov,
-                                                   C, w.matrix.data()});
-    K::for_each(backend, G * C,
-                detail::full_backward_vector_op<P>{
-                    count, opt.epsilon, gain, gamma, C, w.matrix.data(), s.observed.mean.data(),
-                    s.observed.cov.data(), predicted.mean.data(), predicted.cov.data(),
-                    s.posterior.mean.data(), s.posterior.cov.data(), w.sum_dy.data(), dpost_mean,
-                    w.a.data(), w.k.data(), w.dmean.data(), w.dq.data(),
-                    w.dmean_predicted.data()});
-    K::for_each(backend, G * C * C,
-                detail::full_mix_matrix_op<P>{count, gain, C, w.matrix.data(), w.product2.data(),
-                                              w.dcov_predicted.data()});
-    K::mix(backend, dx, dy, span<const P>(w.a), x,
-           span<const P>(w.product2.subspan(0, G * C * C)), span<const P>(s.posterior.mean),
-           span<const P>(w.k), group_size);
+  // The reductions, the coefficients and dx, a chunk of groups at a time when the backend asks
+  // for it (see forward).
+  const index_t chunk = detail::groups_per_chunk(backend, opt, A, x.shape(), group_size);
+  for (index_t g0 = 0; g0 < G; g0 += chunk) {
+    const index_t n = std::min(chunk, G - g0);
+    const auto part = [&](auto view) { return detail::groups_of(view, g0, n, G, opt.mode); };
+    detail::backward_groups(backend, opt, p, has_prior, detail::groups_of(x, g0, n, group_size),
+                            detail::groups_of(dy, g0, n, group_size),
+                            detail::groups_of(dx, g0, n, group_size), group_size,
+                            part(gaussian_view<const P>(s.observed)), part(predicted),
+                            part(gaussian_view<const P>(s.posterior)),
+                            part(gaussian_view<const P>(s.dposterior)),
+                            detail::groups_of(w, g0, n, G, C));
   }
 
   const bool per_channel_gain =
@@ -768,8 +817,8 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   P* dgain = per_channel_gain ? d.gain_logit.data() : scalar_gain ? w.a.data() : nullptr;
   const auto gradients = [&](auto op) {
     P* sink = w.sink.data();
-    op = {opt.epsilon, G, C, s.posterior.cov.data(), w.sum_dy.data(), w.sum_dy_centred.data(),
-          w.dq.data(), w.gain_slope.data(), w.dcov_predicted.data(),
+    op = {G, C, w.sum_dy_centred.data(), w.sum_dy.data(), w.dq.data(), w.gain_slope.data(),
+          w.dcov_predicted.data(),
           d.gamma.empty() ? sink : d.gamma.data(), d.beta.empty() ? sink : d.beta.data(),
           dgain ? dgain : sink, dnoise ? dnoise : sink};
     K::for_each(backend, C, op);

@@ -3,6 +3,7 @@
 // normalize, moving averages), and the host-side checks shared with backward.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "bkn/steps.hpp"
@@ -114,6 +115,49 @@ void check_layer_call(const char* routine, const options& opt, const layer<P>& L
   check_gaussian(routine, "state.predicted", L.state.predicted, G, C, opt.mode);
 }
 
+/// forward's steps for one chunk of groups (every view and array of those groups alone):
+/// observe, then without a prior the posterior is the observed statistics (q = 1), with one
+/// predict, the gains and update; then normalize.
+template <class Backend, class T, class P>
+void forward_groups(const Backend& backend, const options& opt, const parameters<P>& p,
+                    tensor_view<const T> x, tensor_view<T> y, index_t group_size,
+                    gaussian_view<const P> prior, gaussian_view<P> observed,
+                    gaussian_view<P> predicted, gaussian_view<P> posterior,
+                    const layer_workspace<P>& w) {
+  using K = kernels<Backend>;
+  const index_t C = x.channels(), G = observed.groups;
+  const bool full = opt.mode == covariance::full;
+  const P* gamma = p.gamma.empty() ? nullptr : p.gamma.data();
+  const P* beta = p.beta.empty() ? nullptr : p.beta.data();
+  observe(backend, opt.mode, x, group_size, observed, w);
+  if (prior.empty() && !full) {
+    // Batch normalization: the posterior is the observed statistics, copied in the pass that
+    // computes the coefficients.
+    K::for_each(backend, G * C,
+                batch_posterior_op<P>{gamma, beta, observed.mean.data(), observed.cov.data(), C,
+                                      opt.epsilon, posterior.mean.data(), posterior.cov.data(),
+                                      w.a.data(), w.k.data()});
+    K::affine(backend, y, x, span<const P>(w.a), span<const P>(observed.mean),
+              tensor_view<const T>(), span<const P>(), span<const P>(w.k), group_size);
+    return;
+  }
+  if (prior.empty()) {
+    K::for_each(backend, G * C, copy_op<P>{observed.mean.data(), posterior.mean.data()});
+    K::for_each(backend, observed.cov.size(), copy_op<P>{observed.cov.data(), posterior.cov.data()});
+    // q = 1 without a prior, as an array: a null gain would be read through masked vector
+    // loads, which cost a microcode assist per vector on some CPUs (AMD) when the pointer is null.
+    K::for_each(backend, G * C, fill_op<P>{w.gain.data(), P(1)});
+  } else {
+    predict(backend, opt.mode, p.transition, p.noise, prior, predicted, w);
+    compute_gains(backend, opt, p.gain_logit, gaussian_view<const P>(predicted),
+                  gaussian_view<const P>(observed), w);
+    update(backend, opt.mode, w.gain.data(), gaussian_view<const P>(predicted),
+           gaussian_view<const P>(observed), posterior);
+  }
+  normalize(backend, opt.mode, x, y, p.gamma, p.beta, gaussian_view<const P>(posterior),
+            group_size, opt.epsilon, w);
+}
+
 }  // namespace detail
 
 /// One layer's forward pass on `backend`: y = gamma (x - mu) / sqrt(diag Sigma + eps) + beta.
@@ -176,64 +220,42 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
     return;
   }
 
-  detail::observe(backend, opt.mode, x, group_size, s.observed, w);
-  const P* gain = w.gain.data();
+  // Statistics, the Kalman steps and the normalization, a chunk of groups at a time when the
+  // backend asks for it (a chunk's tensors and arrays are then read again from cache).
+  const index_t chunk = detail::groups_per_chunk(backend, opt, A, x.shape(), group_size);
+  for (index_t g0 = 0; g0 < G; g0 += chunk) {
+    const index_t n = std::min(chunk, G - g0);
+    const auto part = [&](auto view) { return detail::groups_of(view, g0, n, G, opt.mode); };
+    detail::forward_groups(backend, opt, p, detail::groups_of(x, g0, n, group_size),
+                           detail::groups_of(y, g0, n, group_size), group_size,
+                           part(prior), part(s.observed), part(s.predicted), part(s.posterior),
+                           detail::groups_of(w, g0, n, G, C));
+  }
+  if (!opt.training || L.running.mean.empty()) return;
+  if (L.running.skipped.empty()) K::for_each(backend, C, detail::fill_op<P>{w.sink.data(), P(0)});
+  P* skipped = L.running.skipped.empty() ? w.sink.data() : L.running.skipped.data();
   const double bessel_excess =
       opt.unbiased_running_variance && group_size * x.spatial() > 1
           ? 1.0 / (double(group_size * x.spatial()) - 1)
           : 0.0;
-  if (prior.empty() && !full) {
-    // Batch normalization: the posterior is the observed statistics, copied in the pass that
-    // computes the coefficients; the moving averages read the observed ones, with q = 1.
-    K::for_each(backend, G * C,
-                detail::batch_posterior_op<P>{p.gamma.empty() ? nullptr : p.gamma.data(),
-                                              p.beta.empty() ? nullptr : p.beta.data(),
-                                              s.observed.mean.data(), s.observed.cov.data(), C,
-                                              opt.epsilon, s.posterior.mean.data(),
-                                              s.posterior.cov.data(), w.a.data(), w.k.data()});
-    K::affine(backend, y, x, span<const P>(w.a), span<const P>(s.observed.mean),
-              tensor_view<const T>(), span<const P>(), span<const P>(w.k), group_size);
-    if (opt.training && !L.running.mean.empty() && L.running.skipped.empty())
-      K::for_each(backend, C, detail::fill_op<P>{w.sink.data(), P(0)});
-    if (opt.training && !L.running.mean.empty())
-      K::for_each(backend, C,
-                  detail::running_update_op<P, false, true>{
-                      s.observed.mean.data(), s.observed.cov.data(), s.observed.cov.data(),
-                      nullptr, G, C, opt.momentum, bessel_excess, L.running.mean.data(),
-                      L.running.var.data(),
-                      L.running.skipped.empty() ? w.sink.data() : L.running.skipped.data()});
+  if (prior.empty() && !full) {  // batch normalization: q = 1, the observed statistics
+    K::for_each(backend, C,
+                detail::running_update_op<P, false, true>{
+                    s.observed.mean.data(), s.observed.cov.data(), s.observed.cov.data(), nullptr,
+                    G, C, opt.momentum, bessel_excess, L.running.mean.data(),
+                    L.running.var.data(), skipped});
     return;
   }
-  if (prior.empty()) {
-    K::for_each(backend, G * C, detail::copy_op<P>{s.observed.mean.data(), s.posterior.mean.data()});
-    K::for_each(backend, s.observed.cov.size(),
-                detail::copy_op<P>{s.observed.cov.data(), s.posterior.cov.data()});
-    // q = 1 without a prior, as an array: a null gain would be read through masked vector
-    // loads, which cost a microcode assist per vector on some CPUs (AMD) when the pointer is null.
-    K::for_each(backend, G * C, detail::fill_op<P>{w.gain.data(), P(1)});
-  } else {
-    detail::predict(backend, opt.mode, p.transition, p.noise, prior, s.predicted, w);
-    detail::compute_gains(backend, opt, p.gain_logit, gaussian_view<const P>(s.predicted),
-                          gaussian_view<const P>(s.observed), w);
-    detail::update(backend, opt.mode, gain, gaussian_view<const P>(s.predicted),
-                   gaussian_view<const P>(s.observed), s.posterior);
-  }
-  detail::normalize(backend, opt.mode, x, y, p.gamma, p.beta, gaussian_view<const P>(s.posterior),
-                    group_size, opt.epsilon, w);
-
-  if (opt.training && !L.running.mean.empty()) {
-    if (L.running.skipped.empty()) K::for_each(backend, C, detail::fill_op<P>{w.sink.data(), P(0)});
-    const auto update = [&](auto op) {
-      op = {s.posterior.mean.data(), s.posterior.cov.data(), s.observed.cov.data(), gain, G, C,
-            opt.momentum, bessel_excess, L.running.mean.data(), L.running.var.data(),
-            L.running.skipped.empty() ? w.sink.data() : L.running.skipped.data()};
-      K::for_each(backend, C, op);
-    };
-    if (full)
-      update(detail::running_update_op<P, true>());
-    else
-      update(detail::running_update_op<P>());
-  }
+  const auto update = [&](auto op) {
+    op = {s.posterior.mean.data(), s.posterior.cov.data(), s.observed.cov.data(), w.gain.data(),
+          G, C, opt.momentum, bessel_excess, L.running.mean.data(), L.running.var.data(),
+          skipped};
+    K::for_each(backend, C, op);
+  };
+  if (full)
+    update(detail::running_update_op<P, true>());
+  else
+    update(detail::running_update_op<P>());
 }
 
 BKN_END_NAMESPACE

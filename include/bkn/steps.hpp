@@ -3,7 +3,9 @@
 // statistics), predict (Eq. 3 through the transition), update (Eq. 5) and normalize.
 #pragma once
 
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 #include "bkn/detail/small_matrix.hpp"
 #include "bkn/layer.hpp"
@@ -512,6 +514,68 @@ void normalize(const Backend& backend, covariance mode, tensor_view<const T> x,
                                            w.a.data(), w.k.data()});
   K::affine(backend, y, x, span<const P>(w.a), estimate.mean, tensor_view<const T>(),
             span<const P>(), span<const P>(w.k), group_size);
+}
+
+// ---- chunks of statistics groups ----
+
+/// Whether kernels<Backend> has the optional group_chunk (see backend.hpp).
+template <class Backend, class = void>
+struct has_group_chunk : std::false_type {};
+template <class Backend>
+struct has_group_chunk<Backend, std::void_t<decltype(kernels<Backend>::group_chunk(
+                                    std::declval<const Backend&>(), tensor_shape{}, index_t(0)))>>
+    : std::true_type {};
+
+/// Statistics groups that forward and backward run through their steps at a time: what the
+/// backend asks for (all of them without group_chunk), in diagonal mode and for transitions
+/// whose per-channel math is per group (not through the host's weights, whose tap sums are
+/// computed once per call).
+template <class Backend, class P>
+index_t groups_per_chunk(const Backend& backend, const options& opt, const transition<P>& A,
+                         const tensor_shape& x, index_t group_size) {
+  using K = kernels<Backend>;
+  const index_t G = x.batch / group_size;
+  if constexpr (has_group_chunk<Backend>::value) {
+    if (opt.mode == covariance::full || A.kind == transition_kind::weights) return G;
+    const index_t chunk = K::group_chunk(backend, x, group_size);
+    return chunk > 0 && chunk < G ? chunk : G;
+  } else {
+    (void)backend, (void)opt, (void)A;
+    return G;
+  }
+}
+
+/// Groups [g0, g0 + n) of a tensor view (of `group_size` samples each), of a Gaussian estimate
+/// (`mode` says its covariances' size) and of the workspace's per-group arrays. A view of
+/// another number of groups (a prior shared by every group, an empty one) is returned as it is.
+template <class T>
+tensor_view<T> groups_of(const tensor_view<T>& v, index_t g0, index_t n, index_t group_size) {
+  tensor_shape shape = v.shape();
+  shape.batch = n * group_size;
+  return strided(v.data() + g0 * group_size * v.strides().batch, shape, v.strides());
+}
+
+template <class P>
+gaussian_view<P> groups_of(const gaussian_view<P>& v, index_t g0, index_t n, index_t groups,
+                           covariance mode) {
+  if (v.groups != groups || n == groups) return v;
+  const index_t C = v.channels, cov = covariance_elements(C, mode);
+  return {v.mean.subspan(g0 * C, n * C), v.cov.subspan(g0 * cov, n * cov), n, C};
+}
+
+/// The per-group arrays of diagonal mode (the only mode that runs in chunks).
+template <class P>
+layer_workspace<P> groups_of(const layer_workspace<P>& w, index_t g0, index_t n, index_t groups,
+                             index_t channels) {
+  if (n == groups) return w;
+  layer_workspace<P> part = w;
+  const index_t first = g0 * channels, count = n * channels;
+  for (span<P>* a : {&part.a, &part.b, &part.k, &part.sum_dy, &part.sum_dy_centred, &part.dq,
+                     &part.dmean_predicted, &part.dcov_predicted, &part.dmean, &part.gain,
+                     &part.gain_slope})
+    *a = a->subspan(first, count);
+  part.skip = w.skip.subspan(g0, n);
+  return part;
 }
 
 template <class Backend, class P>

@@ -17,3 +17,37 @@ TEST_CASE_TEMPLATE("eigen backend: repeated runs are bitwise identical", T, floa
     conformance::check_deterministic<T>(bkn::eigen_backend{threads}, 60);
   }
 }
+
+TEST_CASE_TEMPLATE("eigen backend: layers run in chunks of groups agree with the reference", T,
+                   float, double) {
+  using conformance::layer_case;
+  using conformance::layout;
+  const auto diag = bkn::covariance::diagonal;
+  // Many small groups: kernels<eigen_backend>::group_chunk cuts them into chunks (2 to 5 of
+  // them, the last one shorter) at 1 and 2 threads.
+  const layer_case cases[] = {
+      {1030, 128, 1, 1, 2, layout::nc, diag, bkn::transition_kind::identity, false, false, true},
+      {1030, 128, 1, 1, 2, layout::nc, diag, bkn::transition_kind::dense, true, true, true},
+      {520, 16, 4, 4, 2, layout::nhwc, diag, bkn::transition_kind::diagonal, true, false, true},
+      {516, 16, 4, 4, 4, layout::nchw, diag, bkn::transition_kind::identity, true, true, true},
+      {520, 16, 4, 4, 2, layout::strided, diag, bkn::transition_kind::identity, false, false,
+       true},
+  };
+  const double tolerance = std::is_same_v<T, double> ? 1e-10 : 2e-4;
+  for (const layer_case& c : cases)
+    for (int threads : {1, 2}) {
+      const std::string name = conformance::describe(c);
+      CAPTURE(name);
+      CAPTURE(threads);
+      const bkn::eigen_backend backend{threads};
+      const bkn::index_t G = c.batch / c.group_size;
+      const bkn::index_t chunk = bkn::kernels<bkn::eigen_backend>::group_chunk(
+          backend, {c.batch, c.channels, c.height, c.width}, c.group_size);
+      REQUIRE(chunk > 0);
+      REQUIRE(chunk < G);
+      conformance::check_close(
+          conformance::run_layer<bkn::eigen_backend, T, T>(backend, c, 17),
+          conformance::run_layer<bkn::reference_backend, T, T>(bkn::reference_backend{}, c, 17),
+          tolerance);
+    }
+}

@@ -44,6 +44,9 @@ namespace detail {
 // Tensors with fewer elements run on the calling thread: an OpenMP fork/join costs a few
 // microseconds, as long as a pass over 256 KiB takes.
 inline constexpr index_t eigen_parallel_min_elements = index_t(1) << 16;
+// Elements per thread of a chunk of statistics groups (kernels::group_chunk): 256 KiB of floats,
+// which stay in a core's L2 from one pass to the next.
+inline constexpr index_t eigen_chunk_values = index_t(1) << 16;
 // Statistics are summed in the element type over blocks of at most this many values per
 // channel, then merged in double. Float rounding then grows with sqrt(block), not with the
 // tensor, and a block stays in L1 between its two passes.
@@ -757,6 +760,75 @@ void eigen_moments_samples(tensor_view<const T> x, index_t group_size, span<P> m
   }
 }
 
+/// Statistics groups of at most this many pixels (rows of channels) are reduced in registers,
+/// packet by packet of channels: a micro-batch's statistics (NC in groups of 2, say) would
+/// otherwise pay several passes over per-channel scratch for every few rows of data.
+inline constexpr index_t eigen_few_rows = 16;
+
+/// The mean and biased variance per channel of `n` rows (row r at rows[r], C contiguous
+/// channels): the sum about the first row, then the squares about the mean.
+template <class T>
+void eigen_few_rows_moments(const T* const* rows, index_t n, index_t C, T* mean, T* var) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  const packet count = pset1<packet>(T(n));
+  index_t c = 0;
+  for (; c + L <= C; c += L) {
+    const packet first = ploadu<packet>(rows[0] + c);
+    packet sum = pset1<packet>(T(0));
+    for (index_t r = 1; r < n; ++r) sum = padd(sum, psub(ploadu<packet>(rows[r] + c), first));
+    const packet m = padd(first, pdiv(sum, count));
+    packet squares = pset1<packet>(T(0));
+    for (index_t r = 0; r < n; ++r) {
+      const packet d = psub(ploadu<packet>(rows[r] + c), m);
+      squares = pmadd(d, d, squares);
+    }
+    pstoreu(mean + c, m);
+    pstoreu(var + c, pdiv(squares, count));
+  }
+  for (; c < C; ++c) {
+    const T first = rows[0][c];
+    T sum = T(0);
+    for (index_t r = 1; r < n; ++r) sum += rows[r][c] - first;
+    const T m = first + sum / T(n);
+    T squares = T(0);
+    for (index_t r = 0; r < n; ++r) squares += (rows[r][c] - m) * (rows[r][c] - m);
+    mean[c] = m;
+    var[c] = squares / T(n);
+  }
+}
+
+/// sum dy and sum dy (x - centre) per channel of `n` rows, centre in the element type.
+template <class T>
+void eigen_few_rows_sums(const T* const* dy, const T* const* x, index_t n, index_t C,
+                         const T* centre, T* sum_dy, T* sum_dy_centred) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  index_t c = 0;
+  for (; c + L <= C; c += L) {
+    const packet m = ploadu<packet>(centre + c);
+    packet sd = pset1<packet>(T(0)), sp = sd;
+    for (index_t r = 0; r < n; ++r) {
+      const packet d = ploadu<packet>(dy[r] + c);
+      sd = padd(sd, d);
+      sp = pmadd(d, psub(ploadu<packet>(x[r] + c), m), sp);
+    }
+    pstoreu(sum_dy + c, sd);
+    pstoreu(sum_dy_centred + c, sp);
+  }
+  for (; c < C; ++c) {
+    T sd = T(0), sp = T(0);
+    for (index_t r = 0; r < n; ++r) {
+      sd += dy[r][c];
+      sp += dy[r][c] * (x[r][c] - centre[c]);
+    }
+    sum_dy[c] = sd;
+    sum_dy_centred[c] = sp;
+  }
+}
+
 template <eigen_path Path, class T, class P>
 void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean, span<P> var,
                         span<std::byte> scratch, int team) {
@@ -766,6 +838,19 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
   const index_t units = G * chunks;
   const index_t block = eigen_rows_block(C);
   const eigen_pixels<const T> px(x, false);
+  if constexpr (std::is_same_v<T, P> && Path == eigen_path::rows) {
+    if (pixels <= eigen_few_rows) {
+      eigen_parallel(team, [&](int part) {
+        const T* rows[eigen_few_rows];
+        const index_t last = eigen_first_unit(G, part + 1, team);
+        for (index_t g = eigen_first_unit(G, part, team); g < last; ++g) {
+          for (index_t r = 0; r < pixels; ++r) rows[r] = px.at(g * pixels + r);
+          eigen_few_rows_moments(rows, pixels, C, mean.data() + g * C, var.data() + g * C);
+        }
+      });
+      return;
+    }
+  }
   // Plain loops for the conversions between T, P and double: the compiler vectorizes them,
   // where Eigen 3.4 converts one scalar at a time.
   auto store = [&](index_t g, const slot& s) {
@@ -1019,6 +1104,23 @@ void eigen_sums_rows(tensor_view<const T> dy, tensor_view<const T> x, span<const
   const index_t units = G * chunks;
   const index_t block = eigen_rows_block(C);
   const eigen_pixels<const T> pdy(dy, false), px(x, false);
+  if constexpr (std::is_same_v<T, P> && Path == eigen_path::rows) {
+    if (pixels <= eigen_few_rows) {  // centre is exact in T: no correction
+      eigen_parallel(team, [&](int part) {
+        const T *dy_rows[eigen_few_rows], *x_rows[eigen_few_rows];
+        const index_t last = eigen_first_unit(G, part + 1, team);
+        for (index_t g = eigen_first_unit(G, part, team); g < last; ++g) {
+          for (index_t r = 0; r < pixels; ++r) {
+            dy_rows[r] = pdy.at(g * pixels + r);
+            x_rows[r] = px.at(g * pixels + r);
+          }
+          eigen_few_rows_sums(dy_rows, x_rows, pixels, C, centre.data() + g * C,
+                              sum_dy.data() + g * C, sum_dy_centred.data() + g * C);
+        }
+      });
+      return;
+    }
+  }
   auto store = [&](index_t g, const slot& s) {
     for (index_t c = 0; c < C; ++c) {
       sum_dy[g * C + c] = P(s.sum_dy[c]);
@@ -1435,6 +1537,16 @@ struct kernels<eigen_backend> {
     if (mode == covariance::full)
       slot = std::max(slot, detail::eigen_slot_bytes<detail::eigen_covariance_slot>(C));
     return static_cast<std::size_t>(detail::eigen_team(backend, x.elements())) * slot;
+  }
+
+  /// Chunks of groups of about eigen_chunk_values elements per thread, when a group is well
+  /// under that: forward and backward then read each chunk's tensors again from L2 and keep
+  /// its per-group arrays in cache. Larger groups gain nothing from it and would lose the
+  /// streaming stores of whole large outputs: 0, all at once.
+  static index_t group_chunk(const B& backend, const tensor_shape& x, index_t group_size) {
+    const index_t per_group = group_size * x.channels * x.height * x.width;
+    const index_t budget = detail::eigen_chunk_values * std::max(1, backend.threads);
+    return per_group > 0 && 2 * per_group <= budget ? budget / per_group : 0;
   }
 
   template <class T, class P>
