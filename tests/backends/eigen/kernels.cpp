@@ -358,7 +358,7 @@ struct eigen_results {
   bool padding_intact = true;
 
   eigen_results(const problem<T, P>& pr, layout l, int threads) {
-    const bkn::eigen_backend backend{threads};
+    const bkn::eigen_backend backend{threads, 1};  // threads on every size
     const bkn::tensor_shape& s = pr.shape;
     const index_t gc = pr.groups * s.channels, gs = pr.group_size;
     const stored_tensor<T> x(l, s, pr.x), dy(l, s, pr.dy), u(l, s, pr.u), v(l, s, pr.v);
@@ -488,7 +488,7 @@ TEST_CASE_TEMPLATE("float32 data far from zero: 1e4 + N(0, 1) over 65536 values"
   for (layout l : all_layouts) {
     if (!applies(l, s)) continue;
     for (int threads : {1, 2}) {
-      const bkn::eigen_backend backend{threads};
+      const bkn::eigen_backend backend{threads, 1};  // threads on every size
       const stored_tensor<float> x(l, s, values);
       scratch_buffer scratch(eigen::scratch_bytes(backend, s, gs, bkn::covariance::diagonal));
       std::vector<P> mean = poisoned<P>(3), var = poisoned<P>(3);
@@ -516,7 +516,7 @@ TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<
   using T = typename Types::T;
   using P = typename Types::P;
   const T constant = T(1e4 + 0.3);
-  // Small (one thread) and large (split into chunks on two threads) tensors.
+  // Small and large tensors (on two threads, split into chunks).
   for (const bkn::tensor_shape& s : {bkn::tensor_shape{4, 3, 5, 7}, bkn::tensor_shape{8, 3, 64, 64},
                                      bkn::tensor_shape{32, 3, 1, 1}}) {
     std::mt19937_64 rng(7);
@@ -530,7 +530,7 @@ TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<
       for (layout l : all_layouts) {
         if (!applies(l, s)) continue;
         for (int threads : {1, 2}) {
-          const bkn::eigen_backend backend{threads};
+          const bkn::eigen_backend backend{threads, 1};  // threads on every size
           const stored_tensor<T> x(l, s, values);
           scratch_buffer scratch(eigen::scratch_bytes(backend, s, gs, bkn::covariance::full));
           const index_t G = s.batch / gs;
@@ -565,8 +565,9 @@ TEST_CASE_TEMPLATE("results are bitwise identical across runs on two threads", T
                    types<float, float>, types<float, double>, types<double, double>) {
   using T = typename Types::T;
   using P = typename Types::P;
-  // Above the single-thread threshold of 65536 elements, with group sizes that give one group
-  // per thread and one group split across both threads.
+  // Tensors the default threshold (2^18 elements) would keep on one thread, on two (the
+  // threshold at 1), with group sizes that give one group per thread and one group split
+  // across both threads.
   for (const bkn::tensor_shape& s :
        {bkn::tensor_shape{4, 32, 24, 24}, bkn::tensor_shape{4, 3, 96, 96}})
     for (index_t gs : {index_t(1), s.batch}) {
@@ -597,7 +598,7 @@ TEST_CASE("covariance and mix allocate nothing for wide channel counts") {
 }
 
 TEST_CASE("scratch_bytes covers the largest pass and grows with the team") {
-  const bkn::tensor_shape small{2, 16, 4, 4}, large{8, 64, 16, 16};
+  const bkn::tensor_shape small{2, 16, 4, 4}, large{8, 64, 32, 32};  // 2^19 elements
   const bkn::eigen_backend one{1}, two{2};
   CHECK(eigen::scratch_bytes(one, small, 1, bkn::covariance::diagonal) > 0);
   CHECK(eigen::scratch_bytes(one, small, 1, bkn::covariance::full) >

@@ -7,6 +7,6 @@
 TEST_CASE("eigen backend: offsets beyond 2^31 elements") {
   for (int threads : {1, 2}) {
     CAPTURE(threads);
-    bkn_test::check_offsets_beyond_2_31(bkn::eigen_backend{threads});
+    bkn_test::check_offsets_beyond_2_31(bkn::eigen_backend{threads, 1});
   }
 }

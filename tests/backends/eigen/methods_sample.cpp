@@ -13,7 +13,7 @@ TEST_CASE_TEMPLATE("eigen backend: group / layer / instance norm and FRN agree w
                    T, float, double) {
   for (int threads : {1, 2}) {
     CAPTURE(threads);
-    check_against_reference<T>(bkn::eigen_backend{threads}, 200);
+    check_against_reference<T>(bkn::eigen_backend{threads, 1}, 200);
   }
 }
 
@@ -21,7 +21,7 @@ TEST_CASE_TEMPLATE("eigen backend: the per-sample methods are bitwise repeatable
                    double) {
   for (int threads : {1, 2}) {
     CAPTURE(threads);
-    check_deterministic<T>(bkn::eigen_backend{threads}, 60);
+    check_deterministic<T>(bkn::eigen_backend{threads, 1}, 60);
   }
 }
 

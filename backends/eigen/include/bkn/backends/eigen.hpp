@@ -37,15 +37,17 @@ BKN_BEGIN_NAMESPACE
 /// -fno-trapping-math (GCC) for that to include square roots and finiteness tests.
 struct eigen_backend {
   int threads = 1;
+  /// Tensors of fewer elements run on the calling thread: an OpenMP fork/join costs a few
+  /// microseconds with spinning threads (tens with sleeping ones, OMP_WAIT_POLICY=passive), as
+  /// long as a pass over 1 MiB takes (measured here: NC 128x1024 is faster on one thread).
+  index_t parallel_min_elements = index_t(1) << 18;
 };
 
 namespace detail {
 
-// Tensors with fewer elements run on the calling thread: an OpenMP fork/join costs a few
-// microseconds, as long as a pass over 256 KiB takes.
-inline constexpr index_t eigen_parallel_min_elements = index_t(1) << 16;
 // Elements per thread of a chunk of statistics groups (kernels::group_chunk): 256 KiB of floats,
-// which stay in a core's L2 from one pass to the next.
+// which stay in a core's L2 from one pass to the next; a chunk for several threads is at least
+// the backend's parallel_min_elements, so that its passes are shared.
 inline constexpr index_t eigen_chunk_values = index_t(1) << 16;
 // Statistics are summed in the element type over blocks of at most this many values per
 // channel, then merged in double. Float rounding then grows with sqrt(block), not with the
@@ -61,7 +63,7 @@ inline constexpr int eigen_mix_tile = 32;
 inline constexpr int eigen_affine_tile = 64;
 
 inline int eigen_team(const eigen_backend& backend, index_t elements) noexcept {
-  return backend.threads > 1 && elements >= eigen_parallel_min_elements ? backend.threads : 1;
+  return backend.threads > 1 && elements >= backend.parallel_min_elements ? backend.threads : 1;
 }
 
 /// Calls f(part) for every part in [0, team), on `team` threads when OpenMP is there. The parts,
@@ -1545,7 +1547,10 @@ struct kernels<eigen_backend> {
   /// streaming stores of whole large outputs: 0, all at once.
   static index_t group_chunk(const B& backend, const tensor_shape& x, index_t group_size) {
     const index_t per_group = group_size * x.channels * x.height * x.width;
-    const index_t budget = detail::eigen_chunk_values * std::max(1, backend.threads);
+    const index_t budget =
+        backend.threads > 1 ? std::max(detail::eigen_chunk_values * backend.threads,
+                                       backend.parallel_min_elements)
+                            : detail::eigen_chunk_values;
     return per_group > 0 && 2 * per_group <= budget ? budget / per_group : 0;
   }
 
