@@ -284,77 +284,72 @@ struct transition_gradient_op {
   }
 };
 
-/// Channels of the previous layer per item of the dense transition's backward: a block of them
-/// reads a contiguous piece of each row of A (one vector), where one of them alone would walk a
-/// column of A, C' values apart.
+/// Columns of A per item of the dense transition's gradient: one vector of a row of A.
 inline constexpr index_t dense_block = 8;
 
-/// transition_backward_op for a dense A, per (prior group g', block of dense_block channels k):
-/// each output summed in the same order.
-template <class P>
+/// transition_backward_op for a dense A and one prior group g': per channel k of the previous
+/// layer, d(prior mean)[g', k] = sum over the rows (g, c), g the groups that read g', of
+/// A[c, k] dmu_pred[g, c], and with `variances` d(prior var) with A[c, k]^2 dSigma_pred[g, c].
+/// A group-sum functor (steps.hpp) over those rows, in the order of transition_backward_op:
+/// a CPU backend reads A row by row rather than column by column.
+template <class P, bool variances = true>
 struct dense_transition_backward_op {
   const P* weights;
-  index_t groups, prior_groups, channels, in_channels;
-  const P *dmean_pred, *dvar_pred;  // dvar_pred null in full mode
-  P *dprior_mean, *dprior_var;
+  index_t first_group, rows, channels, in_channels;  // rows: groups * channels
+  const P *dmean_pred, *dvar_pred;
+  P *dprior_mean, *dprior_var;  // this prior group's
 
-  BKN_HOST_DEVICE index_t blocks() const { return (in_channels + dense_block - 1) / dense_block; }
-  BKN_HOST_DEVICE void operator()(index_t e) const {
-    const index_t gp = e / blocks(), k0 = e % blocks() * dense_block;
-    const index_t n = in_channels - k0 < dense_block ? in_channels - k0 : dense_block;
-    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
-    double dm[dense_block] = {}, dv[dense_block] = {};
-    for (index_t g = first; g < last; ++g)
-      for (index_t c = 0; c < channels; ++c) {
-        const P* a = weights + c * in_channels + k0;
-        const double d = double(dmean_pred[g * channels + c]);
-        const double v = dvar_pred ? double(dvar_pred[g * channels + c]) : 0.0;
-        if (n == dense_block) {
-          for (index_t j = 0; j < dense_block; ++j) {
-            dm[j] += double(a[j]) * d;
-            dv[j] += double(a[j]) * double(a[j]) * v;
-          }
-        } else {
-          for (index_t j = 0; j < n; ++j) {
-            dm[j] += double(a[j]) * d;
-            dv[j] += double(a[j]) * double(a[j]) * v;
-          }
-        }
-      }
-    for (index_t j = 0; j < n; ++j) {
-      dprior_mean[gp * in_channels + k0 + j] = P(dm[j]);
-      if (dvar_pred) dprior_var[gp * in_channels + k0 + j] = P(dv[j]);
-    }
+  static constexpr int sums = variances ? 2 : 1;
+  BKN_HOST_DEVICE index_t group_count() const { return rows; }
+  BKN_HOST_DEVICE void add(index_t r, index_t k, double* acc, index_t stride) const {
+    const index_t c = r % channels, i = first_group * channels + r;
+    const double a = double(weights[c * in_channels + k]);
+    acc[0] += a * double(dmean_pred[i]);
+    if constexpr (variances) acc[stride] += a * a * double(dvar_pred[i]);
   }
+  BKN_HOST_DEVICE void finish(index_t k, const double* acc, index_t stride) const {
+    dprior_mean[k] = P(acc[0]);
+    if constexpr (variances) dprior_var[k] = P(acc[stride]);
+  }
+  BKN_HOST_DEVICE void operator()(index_t k) const { sum_over_groups(*this, k); }
 };
 
 /// transition_gradient_op for a dense A, per (row c, block of dense_block columns k).
-template <class P>
+template <class P, bool variances = true>
 struct dense_transition_gradient_op {
   const P* weights;
   index_t groups, prior_groups, channels, in_channels;
-  const P *dmean_pred, *dvar_pred, *prior_mean, *prior_var;  // *var null in full mode
+  const P *dmean_pred, *dvar_pred, *prior_mean, *prior_var;  // *var unread without variances
   P* dweights;
   bool accumulate;
 
   BKN_HOST_DEVICE index_t blocks() const { return (in_channels + dense_block - 1) / dense_block; }
   BKN_HOST_DEVICE void operator()(index_t e) const {
     const index_t c = e / blocks(), k0 = e % blocks() * dense_block;
-    const index_t n = in_channels - k0 < dense_block ? in_channels - k0 : dense_block;
+    if (in_channels - k0 >= dense_block)
+      columns<dense_block>(c, k0, dense_block);
+    else
+      columns<1>(c, k0, in_channels - k0);
+  }
+  // Columns [k0, k0 + n) of row c, n <= dense_block; N == n is known to the compiler (a whole
+  // vector), N == 1 is the last, partial block.
+  template <index_t N>
+  BKN_HOST_DEVICE void columns(index_t c, index_t k0, index_t n) const {
+    const index_t count = N == dense_block ? dense_block : n;
     P* out = dweights + c * in_channels + k0;
     const P* a = weights + c * in_channels + k0;
-    double s[dense_block] = {};
-    for (index_t j = 0; j < n; ++j) s[j] = accumulate ? double(out[j]) : 0.0;
+    double s[dense_block];
+    for (index_t j = 0; j < count; ++j) s[j] = accumulate ? double(out[j]) : 0.0;
     for (index_t g = 0; g < groups; ++g) {
       const index_t base = (prior_groups == 1 ? 0 : g) * in_channels + k0;
       const double d = double(dmean_pred[g * channels + c]);
-      const double v = dvar_pred ? double(dvar_pred[g * channels + c]) : 0.0;
-      for (index_t j = 0; j < n; ++j) {
+      const double v = variances ? double(dvar_pred[g * channels + c]) : 0.0;
+      for (index_t j = 0; j < count; ++j) {
         s[j] += d * double(prior_mean[base + j]);
-        if (dvar_pred) s[j] += 2 * double(a[j]) * v * double(prior_var[base + j]);
+        if constexpr (variances) s[j] += 2 * double(a[j]) * v * double(prior_var[base + j]);
       }
     }
-    for (index_t j = 0; j < n; ++j) out[j] = P(s[j]);
+    for (index_t j = 0; j < count; ++j) out[j] = P(s[j]);
   }
 };
 
@@ -552,11 +547,15 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
   if (host_weights && !dbias.empty())
     K::for_each(backend, C, bias_gradient_op<P>{G, 1, C, w.dmean_predicted.data(), dbias.data()});
   if (!dweights.empty() && kind == transition_kind::dense) {
-    const dense_transition_gradient_op<P> op{A.weights.data(), G, PG, C, Cin,
-                                             w.dmean_predicted.data(), dvar_pred,
-                                             prior.mean.data(), full ? nullptr : prior.cov.data(),
-                                             dweights.data(), host_weights};
-    K::for_each(backend, C * op.blocks(), op);
+    const auto gradient = [&](auto op) {
+      op = {A.weights.data(), G, PG, C, Cin, w.dmean_predicted.data(), dvar_pred,
+            prior.mean.data(), full ? nullptr : prior.cov.data(), dweights.data(), host_weights};
+      K::for_each(backend, C * op.blocks(), op);
+    };
+    if (full)
+      gradient(dense_transition_gradient_op<P, false>());
+    else
+      gradient(dense_transition_gradient_op<P>());
   }
   if (!dweights.empty() && kind != transition_kind::identity) {
     if (kind != transition_kind::dense)
@@ -593,10 +592,29 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
   }
   if (dprior.empty()) return;
   if (kind == transition_kind::dense) {
-    const dense_transition_backward_op<P> op{A.weights.data(), G, PG, C, Cin,
-                                             w.dmean_predicted.data(), dvar_pred,
-                                             dprior.mean.data(), full ? nullptr : dprior.cov.data()};
-    K::for_each(backend, PG * op.blocks(), op);
+    // One reduction per prior group: over every group's rows when the prior is shared.
+    const index_t groups_per_prior = PG == 1 ? G : 1;
+    const auto reduce = [&](auto op) {
+      for (index_t gp = 0; gp < PG; ++gp) {
+        op.first_group = gp * groups_per_prior;
+        op.dprior_mean = dprior.mean.data() + gp * Cin;
+        if (!full) op.dprior_var = dprior.cov.data() + gp * Cin;
+        K::for_each(backend, Cin, op);
+      }
+    };
+    const auto fields = [&](auto op) {
+      op.weights = A.weights.data();
+      op.rows = groups_per_prior * C;
+      op.channels = C;
+      op.in_channels = Cin;
+      op.dmean_pred = w.dmean_predicted.data();
+      op.dvar_pred = dvar_pred;
+      return op;
+    };
+    if (full)
+      reduce(fields(dense_transition_backward_op<P, false>{}));
+    else
+      reduce(fields(dense_transition_backward_op<P>{}));
   } else {
     K::for_each(backend, PG * Cin,
                 transition_backward_op<P>{kind, A.weights.data(), G, PG, C, Cin,

@@ -38,7 +38,7 @@ struct running_update_op {
     using std::isfinite;
     const double m = acc[0] / double(groups), v = acc[stride] / double(groups);
     // Selects rather than branches (the same values): a compiler can vectorize them.
-    const bool finite = isfinite(m) & isfinite(v);
+    const bool finite = isfinite(m) && isfinite(v);
     skipped[c] += finite ? P(0) : P(1);
     const P old_mean = mean[c], old_var = var[c];
     const P new_mean = P((1 - momentum) * double(old_mean) + momentum * m);

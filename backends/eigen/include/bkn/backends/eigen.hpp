@@ -101,18 +101,19 @@ struct eigen_has_group_sums<
                        index_t(0), static_cast<const double*>(nullptr), index_t(0)))>>
     : std::true_type {};
 
-// Channels per block of a group-sum functor: its accumulators (sums x this many doubles, 16 KiB
-// at four sums) stay in L1 while the groups' rows stream past, 2 KiB of floats per row and array.
-inline constexpr index_t eigen_group_sums_block = 512;
+// Accumulators of a block of columns of a group-sum functor (sums per column x columns): 16 KiB
+// of doubles, which stay in L1 while the rows stream past (2 KiB of floats per row and array at
+// four sums, 8 KiB at one).
+inline constexpr index_t eigen_group_sums_values = 2048;
 
 // The inner loop over a row of a 2-D functor: each column writes its own outputs, so its
 // iterations carry no dependences. GCC is told just that (ivdep), not to vectorize at any cost
 // (OpenMP's simd): a forced loop is not unswitched on the functors' optional (null) pointers,
 // and its masked loads through a null pointer cost a microcode assist per vector on AMD.
+// Clang gets no hint: its only one (loop vectorize) is a demand, and a loop it then cannot
+// vectorize (under sanitizers, say) is a warning at the caller that -Werror turns fatal.
 #if defined(__GNUC__) && !defined(__clang__)
 #define BKN_EIGEN_SIMD_LOOP _Pragma("GCC ivdep")
-#elif defined(__clang__)
-#define BKN_EIGEN_SIMD_LOOP _Pragma("clang loop vectorize(assume_safety)")
 #else
 #define BKN_EIGEN_SIMD_LOOP
 #endif
@@ -1681,7 +1682,7 @@ struct kernels<eigen_backend> {
   static void for_each(const B&, index_t count, F f) {
     if constexpr (detail::eigen_has_group_sums<F>::value) {
       // Group after group over a block of channels: each row is read contiguously.
-      constexpr index_t block = detail::eigen_group_sums_block;
+      constexpr index_t block = detail::eigen_group_sums_values / F::sums;
       double acc[F::sums * block];
       const index_t groups = f.group_count();
       if (groups == 1) {  // one row: channel by channel, as a vector (measured faster)
