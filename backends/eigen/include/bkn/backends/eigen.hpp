@@ -1349,6 +1349,11 @@ void eigen_affine_rows(T* out, index_t out_row, const T* u, index_t u_row, const
     }
     c += n * L;
   };
+  // Four packets of coefficients (16 registers) fit beside the row's only with 32 vector
+  // registers (AVX-512): then rows of up to 4 packets (64 channels of float) are one pass.
+  if constexpr (L * sizeof(T) >= 64)
+    while (c + eigen_register_tile * L <= C)
+      tile(std::integral_constant<index_t, eigen_register_tile>());
   while (c + 2 * L <= C) tile(std::integral_constant<index_t, 2>());
   while (c + L <= C) tile(std::integral_constant<index_t, 1>());
   for (; c < C; ++c)
