@@ -52,3 +52,31 @@ TEST_CASE_TEMPLATE("eigen backend: layers run in chunks of groups agree with the
           tolerance);
     }
 }
+
+TEST_CASE("eigen backend: a chunk of groups for two threads is large enough to be shared") {
+  // A chunk under parallel_min_elements would run every pass on the calling thread: two
+  // threads would then be no faster than one (NHWC 256x512x7x7 in groups of 2 was, before the
+  // chunk was rounded up).
+  const bkn::tensor_shape shapes[] = {
+      {256, 512, 7, 7}, {32, 64, 56, 56}, {1024, 4096, 1, 1}, {128, 1024, 1, 1}, {64, 96, 9, 9}};
+  for (const bkn::eigen_backend backend : {bkn::eigen_backend{2}, bkn::eigen_backend{2, 100000}})
+    for (const bkn::tensor_shape& x : shapes)
+      for (bkn::index_t group_size : {1, 2, 4}) {
+        CAPTURE(x.batch);
+        CAPTURE(x.channels);
+        CAPTURE(x.height);
+        CAPTURE(group_size);
+        CAPTURE(backend.parallel_min_elements);
+        const bkn::index_t chunk =
+            bkn::kernels<bkn::eigen_backend>::group_chunk(backend, x, group_size);
+        const bkn::index_t per_group = group_size * x.channels * x.height * x.width;
+        if (chunk == 0) {  // no chunks: a group is more than half the budget
+          CHECK(2 * per_group > backend.parallel_min_elements);
+          continue;
+        }
+        CHECK(chunk >= 2);
+        CHECK(chunk * per_group >= backend.parallel_min_elements);
+        CHECK((chunk - 1) * per_group < std::max<bkn::index_t>(backend.parallel_min_elements,
+                                                               2 * (bkn::index_t(1) << 16)));
+      }
+}

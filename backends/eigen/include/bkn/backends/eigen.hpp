@@ -1557,7 +1557,9 @@ struct kernels<eigen_backend> {
         backend.threads > 1 ? std::max(detail::eigen_chunk_values * backend.threads,
                                        backend.parallel_min_elements)
                             : detail::eigen_chunk_values;
-    return per_group > 0 && 2 * per_group <= budget ? budget / per_group : 0;
+    // Rounded up: a chunk for several threads must reach parallel_min_elements, or its passes
+    // would all run on the calling thread.
+    return per_group > 0 && 2 * per_group <= budget ? (budget + per_group - 1) / per_group : 0;
   }
 
   template <class T, class P>
