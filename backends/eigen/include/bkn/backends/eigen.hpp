@@ -368,7 +368,7 @@ inline constexpr std::size_t eigen_l1_coefficient_bytes = std::size_t(16) << 10;
 
 /// sum (x[i] - shift) over i < n, and with `squares` sum (x[i] - shift)^2.
 template <bool squares, class T>
-T eigen_sum_about(const T* x, index_t n, T shift) {
+EIGEN_ALWAYS_INLINE T eigen_sum_about(const T* x, index_t n, T shift) {
   using namespace Eigen::internal;
   using packet = eigen_packet<T>;
   constexpr index_t L = eigen_lanes<T>;
