@@ -13,8 +13,8 @@ BKN_BEGIN_NAMESPACE
 namespace math {
 
 /// e^x for x <= 0 (0 below -745, NaN for NaN), to about 1 ulp, in straight-line double
-/// arithmetic: a loop over channels of it vectorizes, where libm's exp is one call per value (a
-/// third of BKN's forward on NC 2x1024 was libm's exp and log1p). e^x = 2^k e^r with
+/// arithmetic: a loop over channels of it vectorizes, where libm's exp is one call per value (half
+/// of BKN's forward on NC 2x1024 was libm's exp and log1p). e^x = 2^k e^r with
 /// r = x - k log 2 in [-log 2 / 2, log 2 / 2] (log 2 in two parts, so k log 2 is exact) and e^r
 /// by its Taylor series to r^13 / 13! (the next term is under 5e-18); 2^k, down to 2^-1076, as
 /// the product of two powers of two built from their exponent bits.

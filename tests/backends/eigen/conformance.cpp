@@ -76,7 +76,8 @@ TEST_CASE("eigen backend: a chunk of groups for two threads is large enough to b
         }
         CHECK(chunk >= 2);
         CHECK(chunk * per_group >= backend.parallel_min_elements);
-        CHECK((chunk - 1) * per_group < std::max<bkn::index_t>(backend.parallel_min_elements,
-                                                               2 * (bkn::index_t(1) << 16)));
+        const bkn::index_t budget = std::max(backend.parallel_min_elements,
+                                             bkn::detail::eigen_chunk_values * backend.threads);
+        CHECK((chunk - 1) * per_group < budget);
       }
 }
