@@ -284,37 +284,136 @@ struct transition_gradient_op {
   }
 };
 
-/// Columns of A per item of the dense transition's gradient: one vector of a row of A.
-inline constexpr index_t dense_block = 8;
+/// Columns of A per tile of the dense transition's backward (two lanes), and prior groups
+/// (dprior) or rows of A (dA) per tile: a tile loads and widens each value once for all of
+/// them. Columns past the last whole block take a plain loop.
+inline constexpr index_t dense_block = 2 * lane_count, dense_tile_prior_groups = 4,
+                         dense_tile_weight_rows = 4;
 
-/// transition_backward_op for a dense A and one prior group g': per channel k of the previous
-/// layer, d(prior mean)[g', k] = sum over the rows (g, c), g the groups that read g', of
-/// A[c, k] dmu_pred[g, c], and with `variances` d(prior var) with A[c, k]^2 dSigma_pred[g, c].
-/// A group-sum functor (steps.hpp) over those rows, in the order of transition_backward_op:
-/// a CPU backend reads A row by row rather than column by column.
+/// transition_backward_op for a dense A, per tile of dense_block channels k of the previous
+/// layer by dense_tile_prior_groups prior groups g': d(prior mean)[g', k] = sum over the rows
+/// (g, c), g the groups that read g', of A[c, k] dmu_pred[g, c], and with `variances`
+/// d(prior var) with A[c, k]^2 dSigma_pred[g, c]. A is read row by row (contiguous in k). A
+/// shared prior sums every group's rows, dense_tile_prior_groups groups at a time in as many
+/// partial sums.
 template <class P, bool variances = true>
 struct dense_transition_backward_op {
   const P* weights;
-  index_t first_group, rows, channels, in_channels;  // rows: groups * channels
-  const P *dmean_pred, *dvar_pred;
-  P *dprior_mean, *dprior_var;  // this prior group's
+  index_t groups, prior_groups, channels, in_channels;
+  const P *dmean_pred, *dvar_pred;  // dvar_pred unread without variances
+  P *dprior_mean, *dprior_var;
 
-  static constexpr int sums = variances ? 2 : 1;
-  BKN_HOST_DEVICE index_t group_count() const { return rows; }
-  BKN_HOST_DEVICE void add(index_t r, index_t k, double* acc, index_t stride) const {
-    const index_t c = r % channels, i = first_group * channels + r;
-    const double a = double(weights[c * in_channels + k]);
-    acc[0] += a * double(dmean_pred[i]);
-    if constexpr (variances) acc[stride] += a * a * double(dvar_pred[i]);
+  static constexpr index_t NP = dense_tile_prior_groups;
+  BKN_HOST_DEVICE index_t column_tiles() const {
+    return (in_channels + dense_block - 1) / dense_block;
   }
-  BKN_HOST_DEVICE void finish(index_t k, const double* acc, index_t stride) const {
-    dprior_mean[k] = P(acc[0]);
-    if constexpr (variances) dprior_var[k] = P(acc[stride]);
+  BKN_HOST_DEVICE index_t tiles() const {
+    return (prior_groups + NP - 1) / NP * column_tiles();
   }
-  BKN_HOST_DEVICE void operator()(index_t k) const { sum_over_groups(*this, k); }
+  // Tiles row-major over (prior groups, columns): consecutive tiles share their rows of dmu.
+  BKN_HOST_DEVICE void operator()(index_t t) const {
+    const index_t p0 = t / column_tiles() * NP, k0 = t % column_tiles() * dense_block;
+    const index_t last = p0 + NP < prior_groups ? p0 + NP : prior_groups;
+    if (in_channels - k0 < dense_block) {
+      for (index_t p = p0; p < last; ++p) edge(p, k0, in_channels - k0);
+    } else if (prior_groups == 1) {
+      shared(k0);
+    } else if (last - p0 == NP) {
+      tile<NP>(p0, k0);
+    } else {
+      for (index_t p = p0; p < last; ++p) tile<1>(p, k0);
+    }
+  }
+
+  // Adds row i of dmu (and dSigma) times row c of A's columns [k0, k0 + dense_block).
+  BKN_HOST_DEVICE void add_row(const lanes* a, const lanes* a2, index_t i, lanes* m,
+                               lanes* v) const {
+    const lanes d = splat(double(dmean_pred[i]));
+    m[0] += a[0] * d;
+    m[1] += a[1] * d;
+    if constexpr (variances) {
+      const lanes e = splat(double(dvar_pred[i]));
+      v[0] += a2[0] * e;
+      v[1] += a2[1] * e;
+    }
+  }
+  BKN_HOST_DEVICE void load_row(index_t c, index_t k0, lanes* a, lanes* a2) const {
+    const P* row = weights + c * in_channels + k0;
+    a[0] = load_lanes(row);
+    a[1] = load_lanes(row + lane_count);
+    a2[0] = a[0] * a[0];
+    a2[1] = a[1] * a[1];
+  }
+  BKN_HOST_DEVICE void store(index_t p, index_t k0, const lanes* m, const lanes* v) const {
+    for (index_t l = 0; l < dense_block; ++l) {
+      const index_t e = p * in_channels + k0 + l;
+      dprior_mean[e] = P(lane(m[l / lane_count], l % lane_count));
+      if constexpr (variances) dprior_var[e] = P(lane(v[l / lane_count], l % lane_count));
+    }
+  }
+
+  // Prior groups [p0, p0 + N), each read by its own group.
+  template <index_t N>
+  BKN_HOST_DEVICE void tile(index_t p0, index_t k0) const {
+    lanes m[N][2], v[N][2];
+    for (index_t j = 0; j < N; ++j) m[j][0] = m[j][1] = v[j][0] = v[j][1] = splat(0);
+    for (index_t c = 0; c < channels; ++c) {
+      lanes a[2], a2[2];
+      load_row(c, k0, a, a2);
+      for (index_t j = 0; j < N; ++j) add_row(a, a2, (p0 + j) * channels + c, m[j], v[j]);
+    }
+    for (index_t j = 0; j < N; ++j) store(p0 + j, k0, m[j], v[j]);
+  }
+
+  // The one prior group, read by every group: groups g0 + j in partial sums j.
+  BKN_HOST_DEVICE void shared(index_t k0) const {
+    lanes m[NP][2], v[NP][2];
+    for (index_t j = 0; j < NP; ++j) m[j][0] = m[j][1] = v[j][0] = v[j][1] = splat(0);
+    const index_t whole = groups - groups % NP;
+    for (index_t g0 = 0; g0 < whole; g0 += NP)
+      for (index_t c = 0; c < channels; ++c) {
+        lanes a[2], a2[2];
+        load_row(c, k0, a, a2);
+        for (index_t j = 0; j < NP; ++j) add_row(a, a2, (g0 + j) * channels + c, m[j], v[j]);
+      }
+    for (index_t g = whole; g < groups; ++g)
+      for (index_t c = 0; c < channels; ++c) {
+        lanes a[2], a2[2];
+        load_row(c, k0, a, a2);
+        add_row(a, a2, g * channels + c, m[0], v[0]);
+      }
+    for (index_t b = 0; b < 2; ++b) {
+      m[0][b] += m[1][b];
+      m[2][b] += m[3][b];
+      m[0][b] += m[2][b];
+      v[0][b] += v[1][b];
+      v[2][b] += v[3][b];
+      v[0][b] += v[2][b];
+    }
+    store(0, k0, m[0], v[0]);
+  }
+
+  // Columns [k0, k0 + n), n < dense_block, of prior group p.
+  BKN_HOST_DEVICE void edge(index_t p, index_t k0, index_t n) const {
+    const index_t per_prior = prior_groups == 1 ? groups : 1;
+    for (index_t l = 0; l < n; ++l) {
+      double m = 0, v = 0;
+      for (index_t h = 0; h < per_prior; ++h)
+        for (index_t c = 0; c < channels; ++c) {
+          const index_t i = (p * per_prior + h) * channels + c;
+          const double a = double(weights[c * in_channels + k0 + l]);
+          m += a * double(dmean_pred[i]);
+          if constexpr (variances) v += a * a * double(dvar_pred[i]);
+        }
+      dprior_mean[p * in_channels + k0 + l] = P(m);
+      if constexpr (variances) dprior_var[p * in_channels + k0 + l] = P(v);
+    }
+  }
 };
 
-/// transition_gradient_op for a dense A, per (row c, block of dense_block columns k).
+/// transition_gradient_op for a dense A, per tile of dense_tile_weight_rows rows c by
+/// dense_block columns k: dA[c, k] = sum_g dmu_pred[g, c] mu_prev[g, k] (+ with `variances`
+/// 2 A[c, k] sum_g dSigma_pred[g, c] v_prev[g, k]), each prior row loaded once for the tile.
 template <class P, bool variances = true>
 struct dense_transition_gradient_op {
   const P* weights;
@@ -323,33 +422,72 @@ struct dense_transition_gradient_op {
   P* dweights;
   bool accumulate;
 
-  BKN_HOST_DEVICE index_t blocks() const { return (in_channels + dense_block - 1) / dense_block; }
-  BKN_HOST_DEVICE void operator()(index_t e) const {
-    const index_t c = e / blocks(), k0 = e % blocks() * dense_block;
-    if (in_channels - k0 >= dense_block)
-      columns<dense_block>(c, k0, dense_block);
-    else
-      columns<1>(c, k0, in_channels - k0);
+  static constexpr index_t NR = dense_tile_weight_rows;
+  BKN_HOST_DEVICE index_t column_tiles() const {
+    return (in_channels + dense_block - 1) / dense_block;
   }
-  // Columns [k0, k0 + n) of row c, n <= dense_block; N == n is known to the compiler (a whole
-  // vector), N == 1 is the last, partial block.
+  BKN_HOST_DEVICE index_t tiles() const { return (channels + NR - 1) / NR * column_tiles(); }
+  BKN_HOST_DEVICE void operator()(index_t t) const {
+    const index_t c0 = t / column_tiles() * NR, k0 = t % column_tiles() * dense_block;
+    const index_t last = c0 + NR < channels ? c0 + NR : channels;
+    if (in_channels - k0 < dense_block) {
+      for (index_t c = c0; c < last; ++c) edge(c, k0, in_channels - k0);
+    } else if (last - c0 == NR) {
+      tile<NR>(c0, k0);
+    } else {
+      for (index_t c = c0; c < last; ++c) tile<1>(c, k0);
+    }
+  }
+
+  // Rows [c0, c0 + N), columns [k0, k0 + dense_block).
   template <index_t N>
-  BKN_HOST_DEVICE void columns(index_t c, index_t k0, index_t n) const {
-    const index_t count = N == dense_block ? dense_block : n;
-    P* out = dweights + c * in_channels + k0;
-    const P* a = weights + c * in_channels + k0;
-    double s[dense_block];
-    for (index_t j = 0; j < count; ++j) s[j] = accumulate ? double(out[j]) : 0.0;
+  BKN_HOST_DEVICE void tile(index_t c0, index_t k0) const {
+    lanes s[N][2], sv[N][2];
+    for (index_t r = 0; r < N; ++r) s[r][0] = s[r][1] = sv[r][0] = sv[r][1] = splat(0);
     for (index_t g = 0; g < groups; ++g) {
       const index_t base = (prior_groups == 1 ? 0 : g) * in_channels + k0;
-      const double d = double(dmean_pred[g * channels + c]);
-      const double v = variances ? double(dvar_pred[g * channels + c]) : 0.0;
-      for (index_t j = 0; j < count; ++j) {
-        s[j] += d * double(prior_mean[base + j]);
-        if constexpr (variances) s[j] += 2 * double(a[j]) * v * double(prior_var[base + j]);
+      const lanes pm[2] = {load_lanes(prior_mean + base),
+                           load_lanes(prior_mean + base + lane_count)};
+      lanes pv[2] = {};
+      if constexpr (variances) {
+        pv[0] = load_lanes(prior_var + base);
+        pv[1] = load_lanes(prior_var + base + lane_count);
+      }
+      for (index_t r = 0; r < N; ++r) {
+        const lanes d = splat(double(dmean_pred[g * channels + c0 + r]));
+        s[r][0] += d * pm[0];
+        s[r][1] += d * pm[1];
+        if constexpr (variances) {
+          const lanes e = splat(double(dvar_pred[g * channels + c0 + r]));
+          sv[r][0] += e * pv[0];
+          sv[r][1] += e * pv[1];
+        }
       }
     }
-    for (index_t j = 0; j < count; ++j) out[j] = P(s[j]);
+    for (index_t r = 0; r < N; ++r)
+      for (index_t l = 0; l < dense_block; ++l) {
+        const index_t e = (c0 + r) * in_channels + k0 + l;
+        double total = lane(s[r][l / lane_count], l % lane_count);
+        if constexpr (variances)
+          total += 2 * double(weights[e]) * lane(sv[r][l / lane_count], l % lane_count);
+        dweights[e] = P((accumulate ? double(dweights[e]) : 0.0) + total);
+      }
+  }
+
+  // Columns [k0, k0 + n), n < dense_block, of row c.
+  BKN_HOST_DEVICE void edge(index_t c, index_t k0, index_t n) const {
+    for (index_t l = 0; l < n; ++l) {
+      const index_t e = c * in_channels + k0 + l;
+      double s = 0, sv = 0;
+      for (index_t g = 0; g < groups; ++g) {
+        const index_t base = (prior_groups == 1 ? 0 : g) * in_channels + k0 + l;
+        s += double(dmean_pred[g * channels + c]) * double(prior_mean[base]);
+        if constexpr (variances)
+          sv += double(dvar_pred[g * channels + c]) * double(prior_var[base]);
+      }
+      if constexpr (variances) s += 2 * double(weights[e]) * sv;
+      dweights[e] = P((accumulate ? double(dweights[e]) : 0.0) + s);
+    }
   }
 };
 
@@ -550,7 +688,7 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
     const auto gradient = [&](auto op) {
       op = {A.weights.data(), G, PG, C, Cin, w.dmean_predicted.data(), dvar_pred,
             prior.mean.data(), full ? nullptr : prior.cov.data(), dweights.data(), host_weights};
-      K::for_each(backend, C * op.blocks(), op);
+      K::for_each(backend, op.tiles(), op);
     };
     if (full)
       gradient(dense_transition_gradient_op<P, false>());
@@ -592,29 +730,15 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
   }
   if (dprior.empty()) return;
   if (kind == transition_kind::dense) {
-    // One reduction per prior group: over every group's rows when the prior is shared.
-    const index_t groups_per_prior = PG == 1 ? G : 1;
     const auto reduce = [&](auto op) {
-      for (index_t gp = 0; gp < PG; ++gp) {
-        op.first_group = gp * groups_per_prior;
-        op.dprior_mean = dprior.mean.data() + gp * Cin;
-        if (!full) op.dprior_var = dprior.cov.data() + gp * Cin;
-        K::for_each(backend, Cin, op);
-      }
-    };
-    const auto fields = [&](auto op) {
-      op.weights = A.weights.data();
-      op.rows = groups_per_prior * C;
-      op.channels = C;
-      op.in_channels = Cin;
-      op.dmean_pred = w.dmean_predicted.data();
-      op.dvar_pred = dvar_pred;
-      return op;
+      op = {A.weights.data(), G, PG, C, Cin, w.dmean_predicted.data(), dvar_pred,
+            dprior.mean.data(), full ? nullptr : dprior.cov.data()};
+      K::for_each(backend, op.tiles(), op);
     };
     if (full)
-      reduce(fields(dense_transition_backward_op<P, false>{}));
+      reduce(dense_transition_backward_op<P, false>());
     else
-      reduce(fields(dense_transition_backward_op<P>{}));
+      reduce(dense_transition_backward_op<P>());
   } else {
     K::for_each(backend, PG * Cin,
                 transition_backward_op<P>{kind, A.weights.data(), G, PG, C, Cin,

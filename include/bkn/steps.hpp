@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "bkn/detail/lanes.hpp"
 #include "bkn/detail/small_matrix.hpp"
 #include "bkn/layer.hpp"
 #include "bkn/math/kalman.hpp"
@@ -59,18 +60,16 @@ BKN_HOST_DEVICE inline double gain_at(const P* gain, index_t i) {
   return gain ? double(gain[i]) : 1.0;
 }
 
-/// The predicted mean (and, in diagonal mode, variance) of (g, c): Eq. 3 through A, for the
-/// identity, diagonal and dense transitions (and an affine linear one, with its bias).
-/// `dense`: kind is dense (its loop over C' kept out of the other kinds' code, which a CPU
-/// compiler can then vectorize over the channels).
-template <class P, bool dense = false>
+/// The predicted mean (and, in diagonal mode, variance) of (g, c): Eq. 3 through the identity
+/// or diagonal A.
+template <class P>
 struct predict_op {
   transition_kind kind;
   const P *weights, *bias;    // bias: null when absent
   const P* noise_variance;    // softplus(noise) per channel (noise_variance_op); null: R = 0
   const P* prior_mean;
   const P* prior_var;  // diagonal mode; null in full mode
-  index_t prior_groups, channels, in_channels;
+  index_t prior_groups, channels;
   P* mean;
   P* var;  // null in full mode
 
@@ -78,36 +77,117 @@ struct predict_op {
   BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
   BKN_HOST_DEVICE void at(index_t g, index_t c) const {
     const index_t i = g * channels + c;
-    const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
-    double m = 0, v = 0;
-    if constexpr (dense) {
-      // Eight partial sums (one vector of doubles): the adds need not wait on one another.
-      const P* row = weights + c * in_channels;
-      const P* pm = prior_mean + base;
-      const P* pv = var ? prior_var + base : pm;  // read only with var
-      double m8[8] = {}, v8[8] = {};
-      index_t k = 0;
-      for (; k + 8 <= in_channels; k += 8)
-        for (index_t j = 0; j < 8; ++j) {
-          const double a = double(row[k + j]);
-          m8[j] += a * double(pm[k + j]);
-          v8[j] += a * a * double(pv[k + j]);
-        }
-      for (; k < in_channels; ++k) {
-        const double a = double(row[k]);
-        m8[0] += a * double(pm[k]);
-        v8[0] += a * a * double(pv[k]);
-      }
-      m = ((m8[0] + m8[1]) + (m8[2] + m8[3])) + ((m8[4] + m8[5]) + (m8[6] + m8[7]));
-      v = ((v8[0] + v8[1]) + (v8[2] + v8[3])) + ((v8[4] + v8[5]) + (v8[6] + v8[7]));
-    } else {
-      const double a = kind == transition_kind::diagonal ? double(weights[c]) : 1.0;
-      m = a * double(prior_mean[base + c]);
-      if (var) v = a * a * double(prior_var[base + c]);
-    }
+    const index_t base = (prior_groups == 1 ? 0 : g) * channels;
+    const double a = kind == transition_kind::diagonal ? double(weights[c]) : 1.0;
+    const double m = a * double(prior_mean[base + c]);
+    const double v = var ? a * a * double(prior_var[base + c]) : 0.0;
     mean[i] = P(m + (bias ? double(bias[c]) : 0.0));
     if (var) var[i] = P(v + (noise_variance ? double(noise_variance[c]) : 0.0));
   }
+};
+
+/// predict_op for a dense A: mean[g, c] = sum_k A[c, k] mu_prev[g, k] (+ bias) and, in diagonal
+/// mode, var[g, c] = sum_k A[c, k]^2 v_prev[g, k] (+ r), per tile of dense_tile_rows rows of A
+/// by dense_tile_groups groups. A tile reads each weight (and squares it) once for all of its
+/// groups, so A streams from memory once per dense_tile_groups groups rather than per group.
+/// Each (g, c) sums k in eight interleaved partial sums (lanes), the same arithmetic in a whole
+/// tile and at the edges.
+inline constexpr index_t dense_tile_rows = 4, dense_tile_groups = 2;
+
+template <class P>
+struct dense_predict_op {
+  const P *weights, *bias;     // bias: never null (zeros when absent)
+  const P* noise_variance;     // never null in diagonal mode (zeros when absent)
+  const P* prior_mean;
+  const P* prior_var;          // diagonal mode; null in full mode
+  index_t groups, prior_groups, channels, in_channels;
+  P* mean;
+  P* var;  // null in full mode
+
+  BKN_HOST_DEVICE index_t group_tiles() const {
+    return (groups + dense_tile_groups - 1) / dense_tile_groups;
+  }
+  BKN_HOST_DEVICE index_t tiles() const {
+    return (channels + dense_tile_rows - 1) / dense_tile_rows * group_tiles();
+  }
+  // Tiles row-major over (rows of A, groups): consecutive tiles share their rows of A.
+  BKN_HOST_DEVICE void operator()(index_t t) const {
+    const index_t c0 = t / group_tiles() * dense_tile_rows;
+    const index_t g0 = t % group_tiles() * dense_tile_groups;
+    if (c0 + dense_tile_rows <= channels && g0 + dense_tile_groups <= groups) {
+      if (var)
+        tile<dense_tile_rows, dense_tile_groups, true>(c0, g0);
+      else
+        tile<dense_tile_rows, dense_tile_groups, false>(c0, g0);
+      return;
+    }
+    for (index_t c = c0; c < c0 + dense_tile_rows && c < channels; ++c)
+      for (index_t g = g0; g < g0 + dense_tile_groups && g < groups; ++g) {
+        if (var)
+          tile<1, 1, true>(c, g);
+        else
+          tile<1, 1, false>(c, g);
+      }
+  }
+
+  template <index_t R, index_t NG, bool variances>
+  BKN_HOST_DEVICE void tile(index_t c0, index_t g0) const {
+    const P* row[R];
+    const P *pm[NG], *pv[NG];
+    for (index_t r = 0; r < R; ++r) row[r] = weights + (c0 + r) * in_channels;
+    for (index_t j = 0; j < NG; ++j) {
+      const index_t base = (prior_groups == 1 ? 0 : g0 + j) * in_channels;
+      pm[j] = prior_mean + base;
+      pv[j] = variances ? prior_var + base : pm[j];
+    }
+    lanes m[R][NG], v[R][NG];
+    for (index_t r = 0; r < R; ++r)
+      for (index_t j = 0; j < NG; ++j) m[r][j] = v[r][j] = splat(0);
+    const index_t whole = in_channels - in_channels % lane_count;
+    for (index_t k = 0; k < whole; k += lane_count) {
+      lanes a[R], a2[R];
+      for (index_t r = 0; r < R; ++r) {
+        a[r] = load_lanes(row[r] + k);
+        a2[r] = a[r] * a[r];
+      }
+      for (index_t j = 0; j < NG; ++j) {
+        const lanes x = load_lanes(pm[j] + k);
+        for (index_t r = 0; r < R; ++r) m[r][j] += a[r] * x;
+        if constexpr (variances) {
+          const lanes y = load_lanes(pv[j] + k);
+          for (index_t r = 0; r < R; ++r) v[r][j] += a2[r] * y;
+        }
+      }
+    }
+    double tail_m[R][NG] = {}, tail_v[R][NG] = {};
+    for (index_t k = whole; k < in_channels; ++k)
+      for (index_t r = 0; r < R; ++r) {
+        const double a = double(row[r][k]);
+        for (index_t j = 0; j < NG; ++j) {
+          tail_m[r][j] += a * double(pm[j][k]);
+          if constexpr (variances) tail_v[r][j] += a * a * double(pv[j][k]);
+        }
+      }
+    for (index_t r = 0; r < R; ++r)
+      for (index_t j = 0; j < NG; ++j) {
+        const index_t i = (g0 + j) * channels + c0 + r;
+        mean[i] = P(lane_sum(m[r][j]) + tail_m[r][j] + double(bias[c0 + r]));
+        if constexpr (variances)
+          var[i] = P(lane_sum(v[r][j]) + tail_v[r][j] + double(noise_variance[c0 + r]));
+      }
+  }
+};
+
+/// to[g, c] = from[c] for the groups after the first: a prediction from a shared prior is the
+/// same in every group, so it is computed once.
+template <class P>
+struct broadcast_row_op {
+  const P* from;
+  P* to;
+  index_t width;
+  BKN_HOST_DEVICE index_t grid_width() const { return width; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / width, i % width); }
+  BKN_HOST_DEVICE void at(index_t row, index_t col) const { to[row * width + col] = from[col]; }
 };
 
 /// softplus(noise[c]): the process noise R per channel, once rather than per group.
@@ -431,16 +511,26 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
     if (bias == nullptr) bias = w.dmean.data();
     if (noise_variance == nullptr && !full) noise_variance = w.dmean.data();
   }
-  const auto run = [&](auto op) {
-    op = {kind, A.weights.data(), bias, noise_variance, prior.mean.data(),
-          full ? nullptr : prior.cov.data(), PG, C, Cin, predicted.mean.data(),
-          full ? nullptr : predicted.cov.data()};
-    K::for_each(backend, G * C, op);
-  };
-  if (kind == transition_kind::dense)
-    run(predict_op<P, true>{});
-  else
-    run(predict_op<P>{});
+  if (kind == transition_kind::dense) {
+    // A shared prior predicts the same in every group: once, then copied.
+    const index_t groups = PG == 1 ? 1 : G;
+    const dense_predict_op<P> op{A.weights.data(), bias, noise_variance, prior.mean.data(),
+                                 full ? nullptr : prior.cov.data(), groups, PG, C, Cin,
+                                 predicted.mean.data(), full ? nullptr : predicted.cov.data()};
+    K::for_each(backend, op.tiles(), op);
+    if (groups < G) {
+      K::for_each(backend, (G - 1) * C,
+                  broadcast_row_op<P>{predicted.mean.data(), predicted.mean.data() + C, C});
+      if (!full)
+        K::for_each(backend, (G - 1) * C,
+                    broadcast_row_op<P>{predicted.cov.data(), predicted.cov.data() + C, C});
+    }
+  } else {
+    K::for_each(backend, G * C,
+                predict_op<P>{kind, A.weights.data(), bias, noise_variance, prior.mean.data(),
+                              full ? nullptr : prior.cov.data(), PG, C, predicted.mean.data(),
+                              full ? nullptr : predicted.cov.data()});
+  }
   if (!full) return;
   if (kind == transition_kind::dense) {
     // product = A Sigma_prev (C x C' per prior group), then cov = product A^T.

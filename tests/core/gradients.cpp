@@ -448,6 +448,27 @@ TEST_CASE("gradients of one layer: one or several groups, shared or per-group pr
     }
 }
 
+TEST_CASE("gradients of one layer: a dense A larger than one tile of its kernels") {
+  // The dense predict, d(prior) and dA run in tiles (steps.hpp, backward.hpp: 4 rows of A by 2
+  // groups, 16 columns by 4 prior groups, 4 rows by 16 columns): C = 9 rows and C' = 19 or 37
+  // columns leave edge tiles in every direction, and 5 groups a partial tile of groups.
+  for (const covariance mode : kModes)
+    for (const index_t in_channels : {index_t(19), index_t(37)})
+      for (const prior_kind prior : {prior_kind::shared, prior_kind::per_group}) {
+        if (mode == covariance::full && in_channels == 37) continue;  // its prior: 5 x 37 x 37
+        layer_case c;
+        c.mode = mode;
+        c.transition = transition_kind::dense;
+        c.in_channels = in_channels;
+        c.prior = prior;
+        c.per_channel_gain = mode == covariance::diagonal;
+        c.lay = layout::nc;
+        c.shape = {10, 9, 1, 1};
+        c.group_size = 2;
+        check_layer(c);
+      }
+}
+
 TEST_CASE("gradients of one layer: one value per channel and group (m = 1) with a prior") {
   // Batch statistics carry no information at m = 1 (S = 0); the prior keeps the variance
   // p v_pred + p q d^2 positive, and every gradient must still be right.

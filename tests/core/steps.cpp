@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bkn/backends/reference.hpp"
@@ -422,6 +423,56 @@ TEST_CASE_TEMPLATE("steps: predict dense C x C' with C' != C", P, float, double)
       }
     }
   }
+}
+
+TEST_CASE_TEMPLATE("steps: predict dense, whole and edge tiles, against long double", P, float,
+                   double) {
+  // The dense prediction runs in tiles of 4 rows of A by 2 groups and 8-column vectors: C = 9
+  // rows, C' in {8, 19, 37} columns and 5 groups leave edges in every direction. Random
+  // operands; every output within a few roundings of its long double value, relative to the
+  // sum of its terms' magnitudes.
+  const index_t C = 9, G = 5;
+  for (const index_t Cin : {index_t(8), index_t(19), index_t(37)})
+    for (const index_t prior_groups : {G, index_t(1)}) {
+      CAPTURE(Cin);
+      CAPTURE(prior_groups);
+      std::mt19937 gen{unsigned(Cin * 7 + prior_groups)};
+      std::uniform_real_distribution<double> u(-1, 1);
+      std::vector<P> A(static_cast<std::size_t>(C * Cin)), rho(static_cast<std::size_t>(C));
+      std::vector<P> mean(static_cast<std::size_t>(prior_groups * Cin)), var(mean.size());
+      for (auto& v : A) v = P(u(gen));
+      for (auto& v : rho) v = P(u(gen));
+      for (auto& v : mean) v = P(u(gen));
+      for (auto& v : var) v = P(1.5 + u(gen));
+      gaussian<P> prior(prior_groups, Cin, mean, var);
+      gaussian<P> pred(G, C, diag);
+      auto ws = workspace_for(diag, {G, C, 1, 1}, 1, Cin);
+      bkn::predict(B{}, opts(diag, 1), bkn::transition<P>::dense(A, Cin), span<const P>(rho),
+                   prior.cview(), pred.view(), ws.bytes());
+      // float: the output's rounding; double: the bound of 8 interleaved sums of Cin / 8 terms
+      // each, their pairwise total and the noise's softplus (about 2 ulps).
+      const double eps = std::numeric_limits<P>::epsilon();
+      const bool single = std::is_same_v<P, float>;
+      const double mean_ulps = single ? 1 : double(Cin / 8 + 4);
+      const double var_ulps = single ? 2 : double(Cin / 8 + 8);
+      for (index_t g = 0; g < G; ++g)
+        for (index_t c = 0; c < C; ++c) {
+          CAPTURE(g);
+          CAPTURE(c);
+          const index_t base = (prior_groups == 1 ? 0 : g) * Cin;
+          long double m = 0, v = 0, m_abs = 0;
+          for (index_t k = 0; k < Cin; ++k) {
+            const long double a = A[std::size_t(c * Cin + k)];
+            m += a * mean[std::size_t(base + k)];
+            m_abs += std::fabs(a * mean[std::size_t(base + k)]);
+            v += a * a * var[std::size_t(base + k)];
+          }
+          v += std::log1p(std::exp(static_cast<long double>(rho[std::size_t(c)])));
+          const std::size_t i = std::size_t(g * C + c);
+          CHECK(std::fabs(double(pred.mean[i]) - double(m)) <= mean_ulps * eps * double(m_abs));
+          CHECK(std::fabs(double(pred.cov[i]) - double(v)) <= var_ulps * eps * double(v));
+        }
+    }
 }
 
 TEST_CASE_TEMPLATE("steps: predict adds the noise through softplus", P, float, double) {
