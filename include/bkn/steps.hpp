@@ -196,7 +196,7 @@ struct noise_variance_op {
   const P* noise;
   P* variance;
   BKN_HOST_DEVICE void operator()(index_t c) const {
-    variance[c] = P(math::softplus(double(noise[c])));
+    variance[c] = P(math::softplus(math::activation_t<P>(noise[c])));
   }
 };
 

@@ -419,3 +419,37 @@ TEST_CASE("kalman: exp_nonpositive and log1p_unit against long double libm") {
   CHECK(std::isnan(m::sigmoid(std::numeric_limits<double>::quiet_NaN())));
   CHECK(std::isnan(m::softplus(std::numeric_limits<double>::quiet_NaN())));
 }
+
+TEST_CASE("kalman: exp_nonpositive and log1p_unit in float against long double libm") {
+  // The float forms that softplus<float> and sigmoid<float> use; worst relative errors over a
+  // dense sweep in units of float's epsilon (normal results: e^x down to 2^-126).
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<float> wide(-87.0f, 0.0f), narrow(-1.0f, 0.0f),
+      unit(0.0f, 1.0f);
+  double exp_error = 0, log1p_error = 0;
+  for (int i = 0; i < 400000; ++i) {
+    const float x = i % 2 ? wide(rng) : narrow(rng);
+    const long double e = std::exp(static_cast<long double>(x));
+    exp_error = std::max(exp_error, double(std::fabs(m::exp_nonpositive(x) - e) / e));
+    const float u = i % 3 ? unit(rng) : std::ldexp(unit(rng), -int(i % 60));
+    const long double l = std::log1p(static_cast<long double>(u));
+    if (l > 0) log1p_error = std::max(log1p_error, double(std::fabs(m::log1p_unit(u) - l) / l));
+  }
+  MESSAGE("worst relative error: exp ", exp_error / eps<float>(), " eps, log1p ",
+          log1p_error / eps<float>(), " eps");
+  CHECK(exp_error <= 1.5 * eps<float>());
+  CHECK(log1p_error <= 3 * eps<float>());
+  CHECK(m::exp_nonpositive(0.0f) == 1.0f);
+  CHECK(m::exp_nonpositive(-1e-30f) == 1.0f);
+  CHECK(m::exp_nonpositive(-std::numeric_limits<float>::infinity()) == 0.0f);
+  CHECK(m::exp_nonpositive(-std::numeric_limits<float>::max()) == 0.0f);
+  CHECK(std::isnan(m::exp_nonpositive(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(m::log1p_unit(0.0f) == 0.0f);
+  CHECK(m::log1p_unit(1e-30f) == 1e-30f);
+  CHECK(std::fabs(m::log1p_unit(1.0f) - std::log(2.0L)) <= 2 * eps<float>());
+  // Gradual underflow: e^-100 is a float denormal, kept to its few bits.
+  CHECK(std::fabs(m::exp_nonpositive(-100.0f) - std::exp(-100.0L)) <=
+        std::numeric_limits<float>::denorm_min());
+  CHECK(std::isnan(m::sigmoid(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(std::isnan(m::softplus(std::numeric_limits<float>::quiet_NaN())));
+}

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "bkn/config.hpp"
 
@@ -60,10 +61,51 @@ BKN_HOST_DEVICE inline double log1p_unit(double u) {
   return 2.0 * z * s;
 }
 
+/// exp_nonpositive in float arithmetic, to about 1 float ulp (0 below -104, NaN for NaN): a
+/// float loop of it runs twice as wide and its series is half as long (to r^7 / 7!, the next
+/// term under 6e-9).
+BKN_HOST_DEVICE inline float exp_nonpositive(float x) {
+  using std::floor;
+  constexpr float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  x = x < -104.0f ? -104.0f : x;
+  float k = floor(x * log2e + 0.5f);
+  k = k == k ? k : 0.0f;
+  const float r = (x - k * ln2_hi) - k * ln2_lo;
+  float p = 1.0f / 5040;  // 1 / 7!
+  constexpr float inverse_factorials[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
+                                          0.5f,       1.0f,       1.0f};
+  for (float c : inverse_factorials) p = p * r + c;
+  const std::int32_t n = std::int32_t(k), half = n / 2;
+  const auto power_of_two = [](std::int32_t e) {  // 2^e for -126 <= e <= 127
+    const std::uint32_t bits = std::uint32_t(e + 127) << 23;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  };
+  return p * power_of_two(half) * power_of_two(n - half);
+}
+
+/// log1p_unit in float arithmetic, to a few float ulps: 2 atanh(z), its odd series to z^13.
+BKN_HOST_DEVICE inline float log1p_unit(float u) {
+  constexpr float terms[] = {1.0f / 11, 1.0f / 9, 1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f};
+  const float z = u / (2.0f + u), z2 = z * z;
+  float s = 1.0f / 13;
+  for (float c : terms) s = s * z2 + c;
+  return 2.0f * z * s;
+}
+
+/// The type sigmoid and softplus of a parameter of type P are evaluated in: float for float
+/// (the result is rounded to float anyway), double for the others.
+template <class P>
+using activation_t = std::conditional_t<std::is_same_v<P, float>, float, double>;
+
 /// q = sigmoid(theta), computed without overflow for any theta, branch-free.
 template <class A>
 BKN_HOST_DEVICE inline A sigmoid(A theta) {
-  if constexpr (sizeof(A) <= sizeof(double)) {
+  if constexpr (std::is_same_v<A, float>) {
+    const float e = exp_nonpositive(theta >= 0 ? -theta : theta);
+    return (theta >= 0 ? 1.0f : e) / (1.0f + e);
+  } else if constexpr (sizeof(A) <= sizeof(double)) {
     const double t = double(theta), e = exp_nonpositive(t >= 0 ? -t : t);
     return A((t >= 0 ? 1.0 : e) / (1.0 + e));
   } else {
@@ -78,7 +120,9 @@ BKN_HOST_DEVICE inline A sigmoid(A theta) {
 /// sigmoid(rho).
 template <class A>
 BKN_HOST_DEVICE inline A softplus(A rho) {
-  if constexpr (sizeof(A) <= sizeof(double)) {
+  if constexpr (std::is_same_v<A, float>) {
+    return (rho > 0 ? rho : 0.0f) + log1p_unit(exp_nonpositive(rho > 0 ? -rho : rho));
+  } else if constexpr (sizeof(A) <= sizeof(double)) {
     const double r = double(rho);
     return A((r > 0 ? r : 0.0) + log1p_unit(exp_nonpositive(r > 0 ? -r : r)));
   } else {
