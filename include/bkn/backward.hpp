@@ -310,6 +310,9 @@ struct dense_transition_backward_op {
   BKN_HOST_DEVICE index_t tiles() const {
     return (prior_groups + NP - 1) / NP * column_tiles();
   }
+  BKN_HOST_DEVICE index_t work_per_item() const {
+    return 2 * dense_block * channels * (prior_groups == 1 ? groups : NP);
+  }
   // Tiles row-major over (prior groups, columns): consecutive tiles share their rows of dmu.
   BKN_HOST_DEVICE void operator()(index_t t) const {
     const index_t p0 = t / column_tiles() * NP, k0 = t % column_tiles() * dense_block;
@@ -427,6 +430,7 @@ struct dense_transition_gradient_op {
     return (in_channels + dense_block - 1) / dense_block;
   }
   BKN_HOST_DEVICE index_t tiles() const { return (channels + NR - 1) / NR * column_tiles(); }
+  BKN_HOST_DEVICE index_t work_per_item() const { return 2 * NR * dense_block * groups; }
   BKN_HOST_DEVICE void operator()(index_t t) const {
     const index_t c0 = t / column_tiles() * NR, k0 = t % column_tiles() * dense_block;
     const index_t last = c0 + NR < channels ? c0 + NR : channels;

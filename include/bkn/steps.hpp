@@ -30,6 +30,10 @@ namespace detail {
 // sum_over_groups: every add of channel c in the order of g, then finish. A CPU backend may run
 // add over a block of channels, group after group, reading each group's row contiguously
 // rather than a column of rows C apart; each sum still runs over g in order: the same bits.
+//
+// Functors whose items are large (the dense transition's tiles) expose work_per_item(), about
+// the multiply-adds of one item; their items write disjoint outputs, so a CPU backend may
+// share them among threads (the same bits for any split).
 
 /// A group-sum functor's result for channel c, the groups added in order.
 template <class F>
@@ -109,6 +113,9 @@ struct dense_predict_op {
   }
   BKN_HOST_DEVICE index_t tiles() const {
     return (channels + dense_tile_rows - 1) / dense_tile_rows * group_tiles();
+  }
+  BKN_HOST_DEVICE index_t work_per_item() const {
+    return 2 * dense_tile_rows * dense_tile_groups * in_channels;
   }
   // Tiles row-major over (rows of A, groups): consecutive tiles share their rows of A.
   BKN_HOST_DEVICE void operator()(index_t t) const {

@@ -23,6 +23,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "bkn/backends/eigen.hpp"
 #include "bkn/backends/reference.hpp"
 
@@ -622,4 +626,41 @@ TEST_CASE("for_each visits every index once, in order") {
   eigen::for_each(bkn::eigen_backend{4}, 100, [&](index_t i) { seen.push_back(i); });
   REQUIRE(seen.size() == 100);
   for (index_t i = 0; i < 100; ++i) CHECK(seen[i] == i);
+}
+
+namespace {
+// A functor with large items: records which thread ran each index and how often.
+struct heavy_items {
+  std::vector<int>* visits;
+  std::vector<int>* thread;
+  index_t work;
+  index_t work_per_item() const { return work; }
+  void operator()(index_t i) const {
+    ++(*visits)[std::size_t(i)];
+#ifdef _OPENMP
+    (*thread)[std::size_t(i)] = omp_get_thread_num();
+#else
+    (*thread)[std::size_t(i)] = 0;
+#endif
+  }
+};
+}  // namespace
+
+TEST_CASE("for_each shares large items among threads, each index once") {
+  // The dense transition's tiles declare work_per_item(); 100 items of 4096 multiply-adds are
+  // over the default parallel_min_elements (2^18), so two threads split them in two ranges.
+  for (const index_t work : {index_t(4096), index_t(1)}) {
+    CAPTURE(work);
+    std::vector<int> visits(100, 0), thread(100, -1);
+    eigen::for_each(bkn::eigen_backend{2}, 100, heavy_items{&visits, &thread, work});
+    for (index_t i = 0; i < 100; ++i) CHECK(visits[std::size_t(i)] == 1);
+#ifdef _OPENMP
+    // Below the threshold (work 1) every item stays on the calling thread.
+    const bool shared = work == 4096 && omp_get_thread_limit() >= 2;
+    const bool other_thread =
+        std::any_of(thread.begin(), thread.end(), [](int t) { return t > 0; });
+    if (work == 1) CHECK_FALSE(other_thread);
+    if (shared) CHECK(thread[0] != thread[99]);
+#endif
+  }
 }

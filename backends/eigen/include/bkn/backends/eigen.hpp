@@ -88,6 +88,13 @@ struct eigen_has_grid<F, std::void_t<decltype(std::declval<const F&>().grid_widt
                                      decltype(std::declval<const F&>().at(index_t(0), index_t(0)))>>
     : std::true_type {};
 
+/// Whether F's items are large (work_per_item(), steps.hpp): worth sharing among threads.
+template <class F, class = void>
+struct eigen_has_item_work : std::false_type {};
+template <class F>
+struct eigen_has_item_work<F, std::void_t<decltype(std::declval<const F&>().work_per_item())>>
+    : std::true_type {};
+
 /// Whether F is a group-sum functor (steps.hpp): sums, group_count(), add(g, c, acc, stride)
 /// and finish(c, acc, stride).
 template <class F, class = void>
@@ -1682,11 +1689,22 @@ struct kernels<eigen_backend> {
   }
 
   /// The per-channel math, on the calling thread: counts of G * C or G * C * C, too small to
-  /// repay a fork. A functor with a 2-D form (grid_width(), at(row, col); see steps.hpp) runs
-  /// row by row, its inner loop free of divisions so the compiler can vectorize it; a group-sum
-  /// functor runs group by group over blocks of channels (the same sums in the same order).
+  /// repay a fork; functors with large items (work_per_item()) on the backend's threads when
+  /// their work reaches parallel_min_elements. A functor with a 2-D form (grid_width(),
+  /// at(row, col); see steps.hpp) runs row by row, its inner loop free of divisions so the
+  /// compiler can vectorize it; a group-sum functor runs group by group over blocks of channels
+  /// (the same sums in the same order).
   template <class F>
-  static void for_each(const B&, index_t count, F f) {
+  static void for_each(const B& backend, index_t count, F f) {
+    if constexpr (detail::eigen_has_item_work<F>::value) {
+      // Large items (the dense transition's tiles): contiguous ranges of them per thread.
+      const int team = detail::eigen_team(backend, count * f.work_per_item());
+      detail::eigen_parallel(team, [&](int part) {
+        const index_t last = detail::eigen_first_unit(count, part + 1, team);
+        for (index_t i = detail::eigen_first_unit(count, part, team); i < last; ++i) f(i);
+      });
+      return;
+    }
     if constexpr (detail::eigen_has_group_sums<F>::value) {
       // Group after group over a block of channels: each row is read contiguously.
       constexpr index_t block = detail::eigen_group_sums_values / F::sums;
