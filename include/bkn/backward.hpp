@@ -586,6 +586,24 @@ struct weights_input_gradient_op {
   }
 };
 
+/// Weights transition through a pointwise layer, per (prior group g', channel c'): the
+/// gradients of the activation's mean and variance (in dprior, from the dense transition's
+/// backward), carried in place through the activation to the prior.
+template <class P>
+struct activation_backward_op {
+  activation act;
+  moment_function custom;
+  const P *prior_mean, *prior_var;
+  P *dprior_mean, *dprior_var;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const auto m = activation_of<P>(act, custom, double(prior_mean[e]), double(prior_var[e]));
+    const double de = double(dprior_mean[e]), dvar = double(dprior_var[e]);
+    dprior_mean[e] = P(de * m.de_dmu + dvar * m.dvar_dmu);
+    dprior_var[e] = P(de * m.de_dv + dvar * m.dvar_dv);
+  }
+};
+
 /// Weights transition, per weight W[c, c', u, v]: adds sum over the classes whose taps include
 /// (u, v) and the groups of dmean_k E[f] + 2 W dvar_k Var[f] to the host's weight gradient.
 template <class P>
@@ -642,6 +660,35 @@ void weights_transition_backward(const Backend& backend, const transition<P>& A,
   K::for_each(backend, PG * Cin,
               activation_op<P>{A.act, A.moments, prior.mean.data(), prior.cov.data(),
                                w.act_mean.data(), w.act_var.data()});
+  if (is_pointwise(A.conv)) {
+    // One border class of weight 1: the dense transition's backward on the activation's
+    // moments, with A = W (its class gradients are dmu_pred and dSigma_pred themselves).
+    const P* dmean_pred = w.dmean_predicted.data();
+    const P* dvar_pred = w.dcov_predicted.data();
+    if (!dweights.empty()) {
+      const dense_transition_gradient_op<P> op{A.weights.data(), G,
+                                               PG,               C,
+                                               Cin,              dmean_pred,
+                                               dvar_pred,        w.act_mean.data(),
+                                               w.act_var.data(), dweights.data(),
+                                               true};
+      K::for_each(backend, op.tiles(), op);
+    }
+    if (!dbias.empty())
+      K::for_each(backend, C, bias_gradient_op<P>{G, 1, C, dmean_pred, dbias.data()});
+    if (!dprior.empty()) {
+      const dense_transition_backward_op<P> op{A.weights.data(), G,   PG,
+                                               C,                Cin, dmean_pred,
+                                               dvar_pred,        dprior.mean.data(),
+                                               dprior.cov.data()};
+      K::for_each(backend, op.tiles(), op);
+      K::for_each(backend, PG * Cin,
+                  activation_backward_op<P>{A.act, A.moments, prior.mean.data(),
+                                            prior.cov.data(), dprior.mean.data(),
+                                            dprior.cov.data()});
+    }
+    return;
+  }
   K::for_each(backend, KC * C * Cin,
               class_sums_op<P>{classes, A.weights.data(), C, Cin, A.conv.kernel_height,
                                A.conv.kernel_width, w.class_w.data(), w.class_w2.data()});

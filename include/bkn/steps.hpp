@@ -489,11 +489,18 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
   const P* noise_data = noise.empty() ? nullptr : noise.data();
   const P* bias = A.bias.empty() ? nullptr : A.bias.data();
   const bool full = mode == covariance::full;
+  // Through the host's weights, the prior is the moments of the activation.
+  const P* prior_mean = prior.mean.data();
+  const P* prior_var = full ? nullptr : prior.cov.data();
   if (A.kind == transition_kind::weights && !full) {
-    const border_classes classes = make_border_classes(A.conv);
     K::for_each(backend, PG * Cin,
                 activation_op<P>{A.act, A.moments, prior.mean.data(), prior.cov.data(),
                                  w.act_mean.data(), w.act_var.data()});
+    prior_mean = w.act_mean.data();
+    prior_var = w.act_var.data();
+  }
+  if (A.kind == transition_kind::weights && !full && !is_pointwise(A.conv)) {
+    const border_classes classes = make_border_classes(A.conv);
     K::for_each(backend, classes.count() * C * Cin,
                 class_sums_op<P>{classes, A.weights.data(), C, Cin, A.conv.kernel_height,
                                  A.conv.kernel_width, w.class_w.data(), w.class_w2.data()});
@@ -503,7 +510,8 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
                                       C, Cin, predicted.mean.data(), predicted.cov.data()});
     return;
   }
-  // An affine linear transition (full mode) is a dense A plus its bias.
+  // A pointwise weights transition (diagonal mode: a linear layer or a 1x1 convolution
+  // without padding) and an affine linear one (full mode) are a dense A plus the bias.
   const transition_kind kind = A.kind == transition_kind::weights ? transition_kind::dense : A.kind;
   // R's diagonal once per channel, in w.dq (free until the gains are computed). An absent bias
   // or noise reads zeros from w.dmean rather than a null pointer: masked vector loads through
@@ -521,8 +529,9 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
   if (kind == transition_kind::dense) {
     // A shared prior predicts the same in every group: once, then copied.
     const index_t groups = PG == 1 ? 1 : G;
-    const dense_predict_op<P> op{A.weights.data(), bias, noise_variance, prior.mean.data(),
-                                 full ? nullptr : prior.cov.data(), groups, PG, C, Cin,
+    const dense_predict_op<P> op{A.weights.data(), bias,       noise_variance,
+                                 prior_mean,       prior_var,  groups,
+                                 PG,               C,          Cin,
                                  predicted.mean.data(), full ? nullptr : predicted.cov.data()};
     K::for_each(backend, op.tiles(), op);
     if (groups < G) {

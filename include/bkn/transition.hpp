@@ -183,6 +183,12 @@ inline border_classes make_border_classes(const conv2d_geometry& g,
   return b;
 }
 
+/// A convolution whose every output sees one tap of every input channel, with full weight: 1x1,
+/// no padding (a linear layer too). Through it the weights transition is a dense A plus a bias.
+constexpr bool is_pointwise(const conv2d_geometry& g) noexcept {
+  return g.kernel_height == 1 && g.kernel_width == 1 && g.pad_height == 0 && g.pad_width == 0;
+}
+
 template <class P>
 void check_transition(const char* routine, const transition<P>& a, index_t channels,
                       index_t height = 1, index_t width = 1) {

@@ -829,6 +829,28 @@ TEST_CASE("gradients of one layer through a linear host layer, with and without 
     }
 }
 
+TEST_CASE("gradients of one layer through pointwise host layers, larger than one tile") {
+  // A linear layer and a 1x1 convolution without padding (stride 2) run as a dense A on the
+  // activation's moments (steps.hpp, backward.hpp): C = 9, C' = 19 leave edge tiles.
+  bkn::conv2d_geometry strided;
+  strided.in_height = 4;
+  strided.in_width = 3;
+  strided.stride_height = strided.stride_width = 2;
+  for (const bool image : {false, true})
+    for (prior_kind prior : {prior_kind::per_group, prior_kind::shared}) {
+      layer_case c;
+      c.transition = transition_kind::weights;
+      c.in_channels = 19;
+      c.act = bkn::activation::relu;
+      c.prior = prior;
+      c.per_channel_gain = prior == prior_kind::shared;
+      c.lay = image ? layout::nhwc : layout::nc;
+      if (image) c.conv = strided;
+      c.shape = {10, 9, image ? strided.out_height() : 1, image ? strided.out_width() : 1};
+      check_layer(c);
+    }
+}
+
 TEST_CASE("gradients of one layer through a conv host layer: strides, padding, borders") {
   struct geometry_case {
     bkn::conv2d_geometry conv;
