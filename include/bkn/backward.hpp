@@ -198,7 +198,7 @@ struct noise_gradient_op {
   const P* noise;
   P* dnoise;
   BKN_HOST_DEVICE void operator()(index_t c) const {
-    dnoise[c] = P(double(dnoise[c]) * double(math::sigmoid(math::activation_t<P>(noise[c]))));
+    dnoise[c] = P(double(dnoise[c]) * double(math::sigmoid(math::evaluation_t<P>(noise[c]))));
   }
 };
 

@@ -203,7 +203,7 @@ struct noise_variance_op {
   const P* noise;
   P* variance;
   BKN_HOST_DEVICE void operator()(index_t c) const {
-    variance[c] = P(math::softplus(math::activation_t<P>(noise[c])));
+    variance[c] = P(math::softplus(math::evaluation_t<P>(noise[c])));
   }
 };
 
@@ -436,9 +436,9 @@ struct normalize_coefficients_op {
   BKN_HOST_DEVICE void at(index_t g, index_t c) const {
     using std::sqrt;
     const index_t i = g * channels + c;
-    const double var = double(cov[cov_stride == 1 ? i : g * channels * channels + c * cov_stride]);
-    const double scale = (gamma ? double(gamma[c]) : 1.0) / sqrt(var + epsilon);
-    a[i] = P(scale);
+    using E = math::evaluation_t<P>;
+    const E var = E(cov[cov_stride == 1 ? i : g * channels * channels + c * cov_stride]);
+    a[i] = P((gamma ? E(gamma[c]) : E(1)) / sqrt(var + E(epsilon)));
     k[i] = beta ? beta[c] : P(0);
   }
 };
@@ -460,7 +460,8 @@ struct batch_posterior_op {
     const P var = obs_var[i];
     post_mean[i] = obs_mean[i];
     post_var[i] = var;
-    a[i] = P((gamma ? double(gamma[c]) : 1.0) / sqrt(double(var) + epsilon));
+    using E = math::evaluation_t<P>;
+    a[i] = P((gamma ? E(gamma[c]) : E(1)) / sqrt(E(var) + E(epsilon)));
     k[i] = beta ? beta[c] : P(0);
   }
 };

@@ -94,10 +94,13 @@ BKN_HOST_DEVICE inline float log1p_unit(float u) {
   return 2.0f * z * s;
 }
 
-/// The type sigmoid and softplus of a parameter of type P are evaluated in: float for float
-/// (the result is rounded to float anyway), double for the others.
+/// The type a few per-channel functions of one P value (softplus and sigmoid of the noise, the
+/// normalization's gamma / sqrt(var + eps)) are evaluated in: float for float, whose result is
+/// rounded to float anyway and whose loops run twice as wide (double's square roots and
+/// divisions were most of BN's forward on NC 2x1024), double for the others. Sums and
+/// differences of several values stay in double.
 template <class P>
-using activation_t = std::conditional_t<std::is_same_v<P, float>, float, double>;
+using evaluation_t = std::conditional_t<std::is_same_v<P, float>, float, double>;
 
 /// q = sigmoid(theta), computed without overflow for any theta, branch-free.
 template <class A>

@@ -37,8 +37,11 @@ struct renorm_coefficients_op {
     const double g = gamma ? double(gamma[c]) : 1.0;
     r[i] = rr;
     d[i] = dd;
-    // The rounded r and d, which backward reads back: the gradient matches the output.
-    a[i] = P(g * double(rr) / sigma);
+    // The rounded r and d, which backward reads back: the gradient matches the output. a is
+    // evaluated as batch_norm's gamma / sqrt(var + eps) is (math::evaluation_t), so that r = 1
+    // gives batch_norm's bits.
+    using E = math::evaluation_t<P>;
+    a[i] = P(E(g) * E(rr) / sqrt(E(var[i]) + E(epsilon)));
     k[i] = P(g * double(dd) + (beta ? double(beta[c]) : 0.0));
   }
 };
