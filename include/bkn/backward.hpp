@@ -557,6 +557,17 @@ struct class_gradient_op {
   }
 };
 
+/// The gradients of the prior's mean and variance from those of the activation's moments
+/// (de = dl/dE[f], dvar = dl/dVar[f]) at a prior (mean, var).
+template <class P>
+BKN_HOST_DEVICE inline void through_activation(activation act, moment_function custom, P mean,
+                                               P var, double de, double dvar, P& dmean,
+                                               P& dvar_prior) {
+  const auto m = activation_of<P>(act, custom, double(mean), double(var));
+  dmean = P(de * m.de_dmu + dvar * m.dvar_dmu);
+  dvar_prior = P(de * m.de_dv + dvar * m.dvar_dv);
+}
+
 /// Weights transition, per (prior group g', channel c'): the gradients of the activation's
 /// mean and variance, then through the activation to the prior.
 template <class P>
@@ -580,9 +591,8 @@ struct weights_input_gradient_op {
           de += double(class_dmean[d]) * double(class_w[s]);
           dvar += double(class_dvar[d]) * double(class_w2[s]);
         }
-    const auto m = activation_of<P>(act, custom, double(prior_mean[e]), double(prior_var[e]));
-    dprior_mean[e] = P(de * m.de_dmu + dvar * m.dvar_dmu);
-    dprior_var[e] = P(de * m.de_dv + dvar * m.dvar_dv);
+    through_activation(act, custom, prior_mean[e], prior_var[e], de, dvar, dprior_mean[e],
+                       dprior_var[e]);
   }
 };
 
@@ -597,10 +607,8 @@ struct activation_backward_op {
   P *dprior_mean, *dprior_var;
 
   BKN_HOST_DEVICE void operator()(index_t e) const {
-    const auto m = activation_of<P>(act, custom, double(prior_mean[e]), double(prior_var[e]));
-    const double de = double(dprior_mean[e]), dvar = double(dprior_var[e]);
-    dprior_mean[e] = P(de * m.de_dmu + dvar * m.dvar_dmu);
-    dprior_var[e] = P(de * m.de_dv + dvar * m.dvar_dv);
+    through_activation(act, custom, prior_mean[e], prior_var[e], double(dprior_mean[e]),
+                       double(dprior_var[e]), dprior_mean[e], dprior_var[e]);
   }
 };
 

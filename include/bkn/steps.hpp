@@ -117,24 +117,29 @@ struct dense_predict_op {
   BKN_HOST_DEVICE index_t work_per_item() const {
     return 2 * dense_tile_rows * dense_tile_groups * in_channels;
   }
-  // Tiles row-major over (rows of A, groups): consecutive tiles share their rows of A.
+  // Tiles row-major over (rows of A, groups): consecutive tiles share their rows of A. A
+  // partial tile keeps its whole rows together (one group at a time), so one group (a shared
+  // prior, or a batch in one group) still reads 4 rows of A per pass over its prior.
   BKN_HOST_DEVICE void operator()(index_t t) const {
-    const index_t c0 = t / group_tiles() * dense_tile_rows;
-    const index_t g0 = t % group_tiles() * dense_tile_groups;
-    if (c0 + dense_tile_rows <= channels && g0 + dense_tile_groups <= groups) {
-      if (var)
-        tile<dense_tile_rows, dense_tile_groups, true>(c0, g0);
-      else
-        tile<dense_tile_rows, dense_tile_groups, false>(c0, g0);
-      return;
-    }
-    for (index_t c = c0; c < c0 + dense_tile_rows && c < channels; ++c)
-      for (index_t g = g0; g < g0 + dense_tile_groups && g < groups; ++g) {
-        if (var)
-          tile<1, 1, true>(c, g);
-        else
-          tile<1, 1, false>(c, g);
+    constexpr index_t R = dense_tile_rows, NG = dense_tile_groups;
+    const index_t c0 = t / group_tiles() * R, g0 = t % group_tiles() * NG;
+    const index_t rows = channels - c0 < R ? channels - c0 : R;
+    const index_t last = g0 + NG < groups ? g0 + NG : groups;
+    if (rows == R && last - g0 == NG) return run<R, NG>(c0, g0);
+    for (index_t g = g0; g < last; ++g) {
+      if (rows == R) {
+        run<R, 1>(c0, g);
+      } else {
+        for (index_t c = c0; c < c0 + rows; ++c) run<1, 1>(c, g);
       }
+    }
+  }
+  template <index_t R, index_t NG>
+  BKN_HOST_DEVICE void run(index_t c0, index_t g0) const {
+    if (var)
+      tile<R, NG, true>(c0, g0);
+    else
+      tile<R, NG, false>(c0, g0);
   }
 
   template <index_t R, index_t NG, bool variances>
