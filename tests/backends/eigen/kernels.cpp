@@ -664,3 +664,48 @@ TEST_CASE("for_each shares large items among threads, each index once") {
 #endif
   }
 }
+
+TEST_CASE_TEMPLATE("short planes read side by side sum each plane as alone, bit for bit", T, float,
+                   double) {
+  // moments and sums read planes of under four packets eigen_side_planes at a time
+  // (eigen_sums_about, eigen_sums_products); every plane's sums must keep the order, and so the
+  // bits, of the one-plane reductions, at every length around the packet boundaries.
+  namespace d = bkn::detail;
+  constexpr int side = d::eigen_side_planes;
+  constexpr index_t L = d::eigen_lanes<T>;
+  std::mt19937 gen(51);
+  std::normal_distribution<double> z;
+  int compared = 0;
+  for (index_t n = 0; n <= 5 * L + 3; ++n) {
+    CAPTURE(n);
+    const index_t stride = n + 3;  // planes apart, as channels of an NCHW slice
+    std::vector<T> x(std::size_t(side * stride)), dy(x.size());
+    for (auto& v : x) v = T(3 + z(gen));
+    for (auto& v : dy) v = T(z(gen));
+    T shift[side], sums[side], squares[side], sum_dy[side], sum_dyc[side];
+    for (int j = 0; j < side; ++j) {
+      shift[j] = T(3 + 0.1 * j);
+      sums[j] = squares[j] = sum_dy[j] = sum_dyc[j] = T(0.5);  // added to, not overwritten
+    }
+    d::eigen_sums_about<false, side>(x.data(), stride, n, shift, sums);
+    d::eigen_sums_about<true, side>(x.data(), stride, n, shift, squares);
+    d::eigen_sums_products<side>(dy.data(), stride, x.data(), stride, n, shift, sum_dy, sum_dyc);
+    for (int j = 0; j < side; ++j) {
+      const T* xj = x.data() + j * stride;
+      const T* dj = dy.data() + j * stride;
+      T alone_dy = T(0.5), alone_dyc = T(0.5);
+      d::eigen_sum_products(dj, xj, n, shift[j], alone_dy, alone_dyc);
+      CHECK(sums[j] == T(0.5) + d::eigen_sum_about<false>(xj, n, shift[j]));
+      CHECK(squares[j] == T(0.5) + d::eigen_sum_about<true>(xj, n, shift[j]));
+      CHECK(sum_dy[j] == alone_dy);
+      CHECK(sum_dyc[j] == alone_dyc);
+      // And the one-plane reduction itself against a long double sum.
+      long double exact = 0;
+      for (index_t i = 0; i < n; ++i) exact += (long double)xj[i] - (long double)shift[j];
+      CHECK(std::fabs((long double)sums[j] - 0.5L - exact) <=
+            1e-5L * (1 + std::fabs(exact)) * (std::is_same_v<T, float> ? 1 : 1e-8L));
+      ++compared;
+    }
+  }
+  CHECK(compared == side * (5 * L + 4));
+}
