@@ -147,6 +147,11 @@ void forward_groups(const Backend& backend, const options& opt, const parameters
     // q = 1 without a prior, as an array: a null gain would be read through masked vector
     // loads, which cost a microcode assist per vector on some CPUs (AMD) when the pointer is null.
     K::for_each(backend, G * C, fill_op<P>{w.gain.data(), P(1)});
+  } else if (one_kalman_pass(opt, p.transition)) {
+    kalman_step(backend, opt, p, prior, gaussian_view<const P>(observed), predicted, posterior, w);
+    K::affine(backend, y, x, span<const P>(w.a), span<const P>(posterior.mean),
+              tensor_view<const T>(), span<const P>(), span<const P>(w.k), group_size);
+    return;
   } else {
     predict(backend, opt.mode, p.transition, p.noise, prior, predicted, w);
     compute_gains(backend, opt, p.gain_logit, gaussian_view<const P>(predicted),

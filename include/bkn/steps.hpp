@@ -471,6 +471,48 @@ struct batch_posterior_op {
   }
 };
 
+/// Diagonal mode through an identity or diagonal A, per (g, c), in one pass: predict_op (Eq. 3),
+/// gain_op, update_op (Eq. 5) and normalize_coefficients_op one after another, each value
+/// rounded to P where those store it, so the same values (the gains' slopes, which only
+/// backward reads, are left to backward's own gains). Every per-channel input is an array
+/// (ones, zeros, the channel's gain), so the loop has no branch and vectorizes; the groups'
+/// arrays are walked once rather than four times.
+template <class P>
+struct kalman_step_op {
+  const P *scale, *noise_variance;  // per channel: A's diagonal (ones: identity), softplus(noise)
+  const P *prior_mean, *prior_var;
+  index_t prior_stride;             // 0: one prior for every group; C: one per group
+  const P* channel_gain;            // per channel: q (gain_op of one row)
+  const P *obs_mean, *obs_var;
+  const P *gamma, *beta;            // per channel: ones and zeros where the layer has none
+  index_t channels;
+  double epsilon;
+  P *pred_mean, *pred_var, *gain, *post_mean, *post_var, *a, *k;
+
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    using std::sqrt;
+    const index_t i = g * channels + c, prior = g * prior_stride + c;
+    const double s = double(scale[c]);
+    const P mean = P(s * double(prior_mean[prior]));
+    const P var = P(s * s * double(prior_var[prior]) + double(noise_variance[c]));
+    pred_mean[i] = mean;
+    pred_var[i] = var;
+    const P q = channel_gain[c];
+    gain[i] = q;
+    const auto post = math::kalman_update<double>({double(mean), double(var)},
+                                                  {double(obs_mean[i]), double(obs_var[i])},
+                                                  double(q));
+    const P posterior_var = P(post.var);
+    post_mean[i] = P(post.mean);
+    post_var[i] = posterior_var;
+    using E = math::evaluation_t<P>;
+    a[i] = P(E(gamma[c]) / sqrt(E(posterior_var) + E(epsilon)));
+    k[i] = beta[c];
+  }
+};
+
 // ---- the steps, unchecked: the public routines and forward() validate first ----
 
 template <class Backend, class T, class P>
@@ -483,6 +525,34 @@ void observe(const Backend& backend, covariance mode, tensor_view<const T> x, in
   }
   K::moments(backend, x, group_size, observed.mean, w.var, w.scratch);
   K::covariance(backend, x, group_size, span<const P>(observed.mean), observed.cov, w.scratch);
+}
+
+/// predict's per-channel inputs: R's diagonal (diagonal mode; softplus once per channel) and
+/// A's bias, as arrays in w.sum_dy and w.sum_dy_centred (free until backward's reductions, and
+/// apart from the gains' w.dq and w.dmean: forward may compute both before either is read). An
+/// absent bias or noise reads zeros rather than a null pointer: masked vector loads through a
+/// null pointer cost a microcode assist per vector on some CPUs (AMD).
+template <class P>
+struct channel_inputs {
+  const P* noise_variance;  // null in full mode (predict_cov_op adds R itself)
+  const P* bias;
+};
+
+template <class Backend, class P>
+channel_inputs<P> predict_inputs(const Backend& backend, const P* noise, const P* bias,
+                                 index_t C, bool full, const layer_workspace<P>& w) {
+  using K = kernels<Backend>;
+  const P* noise_variance = nullptr;
+  if (noise != nullptr && !full) {
+    K::for_each(backend, C, noise_variance_op<P>{noise, w.sum_dy.data()});
+    noise_variance = w.sum_dy.data();
+  }
+  if (bias == nullptr || noise_variance == nullptr) {
+    K::for_each(backend, C, fill_op<P>{w.sum_dy_centred.data(), P(0)});
+    if (bias == nullptr) bias = w.sum_dy_centred.data();
+    if (noise_variance == nullptr && !full) noise_variance = w.sum_dy_centred.data();
+  }
+  return {noise_variance, bias};
 }
 
 template <class Backend, class P>
@@ -519,19 +589,9 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
   // A pointwise weights transition (diagonal mode: a linear layer or a 1x1 convolution
   // without padding) and an affine linear one (full mode) are a dense A plus the bias.
   const transition_kind kind = A.kind == transition_kind::weights ? transition_kind::dense : A.kind;
-  // R's diagonal once per channel, in w.dq (free until the gains are computed). An absent bias
-  // or noise reads zeros from w.dmean rather than a null pointer: masked vector loads through
-  // a null pointer cost a microcode assist per vector on some CPUs (AMD).
-  const P* noise_variance = nullptr;
-  if (noise_data != nullptr && !full) {
-    K::for_each(backend, C, noise_variance_op<P>{noise_data, w.dq.data()});
-    noise_variance = w.dq.data();
-  }
-  if (bias == nullptr || noise_variance == nullptr) {
-    K::for_each(backend, C, fill_op<P>{w.dmean.data(), P(0)});
-    if (bias == nullptr) bias = w.dmean.data();
-    if (noise_variance == nullptr && !full) noise_variance = w.dmean.data();
-  }
+  const auto inputs = predict_inputs(backend, noise_data, bias, C, full, w);
+  const P* noise_variance = inputs.noise_variance;
+  bias = inputs.bias;
   if (kind == transition_kind::dense) {
     // A shared prior predicts the same in every group: once, then copied.
     const index_t groups = PG == 1 ? 1 : G;
@@ -592,6 +652,63 @@ void compute_gains(const Backend& backend, const options& opt, span<const P> gai
               gain_op<P>{learned ? w.dq.data() : nullptr, learned ? w.dmean.data() : nullptr,
                          gain_logit.size(), C, opt.fixed_gain, skip ? w.skip.data() : nullptr,
                          w.gain.data(), w.gain_slope.data()});
+}
+
+/// Whether forward may run predict, the gains, update and the coefficients as kalman_step: in
+/// diagonal mode, through an identity or diagonal A, without the skip rule (a mean over the
+/// channels of the predicted state, needed before any gain).
+template <class P>
+bool one_kalman_pass(const options& opt, const transition<P>& A) {
+  return opt.mode == covariance::diagonal && !(opt.skip_threshold > 0) &&
+         (A.kind == transition_kind::identity || A.kind == transition_kind::diagonal);
+}
+
+/// predict, compute_gains, update and normalize's coefficients (into w.a, w.k) in one pass over
+/// the groups (kalman_step_op), where one_kalman_pass holds. Its per-channel inputs go to
+/// arrays of C that forward leaves free: ones in w.b, zeros and R's diagonal in w.sum_dy_centred
+/// and w.sum_dy (predict_inputs), the sigmoids in w.dq and w.dmean (compute_gains), the gains of
+/// one row in w.dmean_predicted (gain_op's slopes in w.dcov_predicted, unread).
+template <class Backend, class P>
+void kalman_step(const Backend& backend, const options& opt, const parameters<P>& p,
+                 gaussian_view<const P> prior, gaussian_view<const P> observed,
+                 gaussian_view<P> predicted, gaussian_view<P> posterior,
+                 const layer_workspace<P>& w) {
+  using K = kernels<Backend>;
+  const index_t C = observed.channels, G = observed.groups;
+  const auto in = predict_inputs(backend, p.noise.empty() ? nullptr : p.noise.data(),
+                                 static_cast<const P*>(nullptr), C, false, w);
+  const P* zeros = in.bias;  // no bias through an identity or diagonal A: the zeros
+  const bool identity = p.transition.kind == transition_kind::identity;
+  if (identity || p.gamma.empty()) K::for_each(backend, C, fill_op<P>{w.b.data(), P(1)});
+  const P* ones = w.b.data();
+  const bool learned = opt.fixed_gain < 0 && !p.gain_logit.empty();
+  if (learned)
+    K::for_each(backend, p.gain_logit.size(),
+                gain_sigmoid_op<P>{p.gain_logit.data(), w.dq.data(), w.dmean.data()});
+  K::for_each(backend, C,
+              gain_op<P>{learned ? w.dq.data() : nullptr, learned ? w.dmean.data() : nullptr,
+                         p.gain_logit.size(), C, opt.fixed_gain, nullptr,
+                         w.dmean_predicted.data(), w.dcov_predicted.data()});
+  K::for_each(backend, G * C,
+              kalman_step_op<P>{identity ? ones : p.transition.weights.data(),
+                                in.noise_variance,
+                                prior.mean.data(),
+                                prior.cov.data(),
+                                prior.groups == 1 ? 0 : C,
+                                w.dmean_predicted.data(),
+                                observed.mean.data(),
+                                observed.cov.data(),
+                                p.gamma.empty() ? ones : p.gamma.data(),
+                                p.beta.empty() ? zeros : p.beta.data(),
+                                C,
+                                opt.epsilon,
+                                predicted.mean.data(),
+                                predicted.cov.data(),
+                                w.gain.data(),
+                                posterior.mean.data(),
+                                posterior.cov.data(),
+                                w.a.data(),
+                                w.k.data()});
 }
 
 template <class Backend, class P>

@@ -1068,3 +1068,97 @@ TEST_CASE_TEMPLATE("forward: N = 0 changes nothing", P, float, double) {
   }
 }
 
+
+// ---- one Kalman pass ----
+
+TEST_CASE_TEMPLATE("forward: one Kalman pass gives the values of the separate steps", P, float,
+                   double) {
+  // Through an identity or diagonal A (steps.hpp, kalman_step), forward runs predict, the gains,
+  // update and the normalization's coefficients as one pass; bkn::predict, bkn::update and
+  // bkn::normalize run them one after another. Both must give the same values, for each way the
+  // per-channel inputs can be absent, shared or per channel.
+  const index_t N = 6, C = 5, H = 2, W = 3, group_size = 2, G = N / group_size;
+  const auto x = random_batch<P>(N, C, H, W, 41);
+  std::mt19937 gen(42);
+  std::normal_distribution<double> z;
+  const auto draw = [&](std::vector<P>& v, double offset, double spread) {
+    for (auto& e : v) e = P(offset + spread * z(gen));
+  };
+  int cases = 0;
+  for (auto kind : {bkn::transition_kind::identity, bkn::transition_kind::diagonal})
+    for (index_t prior_groups : {index_t(1), G})
+      for (bool noise : {false, true})
+        for (bool per_channel_gain : {false, true})
+          for (double fixed_gain : {-1.0, 0.25})
+            for (bool affine : {false, true}) {
+              CAPTURE(int(kind));
+              CAPTURE(prior_groups);
+              CAPTURE(noise);
+              CAPTURE(per_channel_gain);
+              CAPTURE(fixed_gain);
+              CAPTURE(affine);
+              bkn::layer_config cfg = config<P>(C, G);
+              cfg.transition = kind;
+              cfg.noise = noise;
+              cfg.per_channel_gain = per_channel_gain;
+              cfg.affine = affine;
+              bkn::layer_storage<P> st(cfg);
+              draw(st.gain_logit, 0, 1.5);
+              draw(st.transition_weights, 1, 0.3);
+              draw(st.noise, -2, 1);
+              if (affine) random_affine(st, 43);
+              gaussian<P> prior{std::vector<P>(std::size_t(prior_groups * C)),
+                                std::vector<P>(std::size_t(prior_groups * C)), prior_groups, C};
+              draw(prior.mean, 0.5, 2);
+              for (auto& v : prior.cov) v = P(0.2 + std::fabs(z(gen)));
+              bkn::options opt;
+              opt.group_size = group_size;
+              opt.fixed_gain = fixed_gain;
+              const auto y = run_forward(opt, st, x, &prior);
+
+              // The steps one by one, from forward's own observed statistics.
+              const bkn::layer<P> L = st.view();
+              std::vector<P> pm(std::size_t(G * C)), pv(pm.size()), qm(pm.size()), qv(pm.size());
+              const bkn::gaussian_view<P> predicted(pm, pv, G, C), posterior(qm, qv, G, C);
+              bkn::host_workspace ws(bkn::workspace_size(B{}, opt, x.view().shape()));
+              bkn::predict(B{}, opt, L.params.transition, L.params.noise, prior.cview(),
+                           predicted, ws.bytes());
+              bkn::update(B{}, opt, L.params.gain_logit, bkn::gaussian_view<const P>(predicted),
+                          bkn::gaussian_view<const P>(L.state.observed), posterior, ws.bytes());
+              std::vector<P> y_steps(y.size());
+              bkn::normalize(B{}, opt, x.view(), x.out_view(y_steps), L.params.gamma,
+                             L.params.beta, bkn::gaussian_view<const P>(posterior), ws.bytes());
+              CHECK(st.predicted_mean == pm);
+              CHECK(st.predicted_cov == pv);
+              CHECK(st.posterior_mean == qm);
+              CHECK(st.posterior_cov == qv);
+              CHECK(y == y_steps);
+              ++cases;
+            }
+  CHECK(cases == 64);
+}
+
+TEST_CASE_TEMPLATE("forward: the skip rule's path gives the one Kalman pass's values", P, float,
+                   double) {
+  // A skip threshold no group reaches keeps every gain, but takes the separate steps (the rule
+  // needs all of a group's predicted variances before any gain): the same values.
+  const auto x = random_batch<P>(8, 4, 3, 3, 44);
+  const gaussian<P> prior{{0.5, -1, 0, 2}, {1, 2, 0.5, 3}, 1, 4};
+  bkn::layer_config cfg = config<P>(4, 4);
+  cfg.noise = true;
+  cfg.per_channel_gain = true;
+  bkn::layer_storage<P> fused(cfg), stepwise(cfg);
+  random_affine(fused, 45);
+  random_affine(stepwise, 45);
+  fused.gain_logit = stepwise.gain_logit = {P(-1), P(0), P(0.5), P(2)};
+  bkn::options opt;
+  opt.group_size = 2;
+  const auto y = run_forward(opt, fused, x, &prior);
+  opt.skip_threshold = 1e30;
+  const auto y_steps = run_forward(opt, stepwise, x, &prior);
+  CHECK(y == y_steps);
+  CHECK(fused.predicted_cov == stepwise.predicted_cov);
+  CHECK(fused.posterior_mean == stepwise.posterior_mean);
+  CHECK(fused.posterior_cov == stepwise.posterior_cov);
+  CHECK(fused.running_var == stepwise.running_var);
+}
