@@ -189,6 +189,10 @@ inline constexpr std::size_t cache_budget_bytes = std::size_t(1) << 30;
 /// Registers copy/<shape> and triad/<shape>, the STREAM-like baselines.
 void register_baselines(const shape_case& c);
 
+/// Registers read/<size>: a read-only sweep of working sets from L1 to memory (the bandwidth of
+/// each level of the hierarchy).
+void register_memory_sweep(const settings& s);
+
 /// Adds the counters every benchmark reports: bytes_per_second (from `bytes` per iteration),
 /// elements, threads.
 void set_counters(benchmark::State& state, double bytes, index_t elements, int threads);

@@ -3,9 +3,12 @@
 // STREAM-like copy and triad baselines that every pass is compared with.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <list>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include <bkn/backends/reference.hpp>
 
@@ -488,7 +491,39 @@ void triad_benchmark(benchmark::State& state, const shape_case& c) {
   set_counters(state, 3.0 * double(n) * sizeof(float), c.elements(), 1);
 }
 
+// read/<size>: OR of every 32-bit word of `bytes` (an integer reduction, which vectorizes with
+// any floating-point flags), the same buffer again and again: the read bandwidth of the cache
+// level or memory that holds a working set of that size.
+void read_benchmark(benchmark::State& state, std::size_t bytes) {
+  std::vector<std::uint32_t, aligned_allocator<std::uint32_t>> words(bytes / 4, 1u);
+  const std::uint32_t* p = words.data();
+  const std::size_t n = words.size();
+  for (auto _ : state) {
+    std::uint32_t acc = 0;
+    for (std::size_t i = 0; i < n; ++i) acc |= p[i];
+    benchmark::DoNotOptimize(acc);
+  }
+  set_counters(state, double(bytes), index_t(n), 1);
+}
+
+std::string size_name(std::size_t bytes) {
+  return bytes >= (std::size_t(1) << 20) ? std::to_string(bytes >> 20) + "MiB"
+                                          : std::to_string(bytes >> 10) + "KiB";
+}
+
 }  // namespace
+
+void register_memory_sweep(const settings& s) {
+  const std::size_t KiB = 1024, MiB = KiB * KiB;
+  const std::vector<std::size_t> sizes =
+      s.smoke ? std::vector<std::size_t>{32 * KiB, 1 * MiB}
+              : std::vector<std::size_t>{32 * KiB, 256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB,
+                                         8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB, 256 * MiB};
+  for (std::size_t bytes : sizes)
+    benchmark::RegisterBenchmark(("read/" + size_name(bytes)).c_str(),
+                                 [bytes](benchmark::State& st) { read_benchmark(st, bytes); })
+        ->UseRealTime();
+}
 
 void register_baselines(const shape_case& c) {
   benchmark::RegisterBenchmark(("copy/" + c.shape_name()).c_str(),

@@ -25,8 +25,9 @@ void print_help() {
   std::printf(
       "bkn_bench: Google Benchmark suite of bkn's backends (docs/benchmarks.md).\n"
       "Names: <kind>/<line>:t<threads>/<layout>/<shape>/gs=<samples per group|all>,\n"
-      "       copy/<shape> and triad/<shape> (STREAM-like baselines). Lines: bkn's backends,\n"
-      "       and the peers onednn and libtorch on the batch-normalization kinds.\n"
+      "       copy/<shape> and triad/<shape> (STREAM-like baselines), read/<size> (a read-only\n"
+      "       sweep of working sets). Lines: bkn's backends, and the peers onednn and\n"
+      "       libtorch on the batch-normalization kinds.\n"
       "bkn_bench switches:\n"
       "  --smoke        tiny shapes only (every benchmark family, seconds in all)\n"
       "  --huge         also the huge shapes and O(G C C') transitions\n"
@@ -119,6 +120,7 @@ int main(int argc, char** argv) {
 
   // Case by case, kind by kind, backend by backend: the same benchmark on every backend runs
   // back to back, on buffers allocated once per case (bench.hpp, tensors_for).
+  bkn_bench::register_memory_sweep(s);
   std::set<std::string> baselines;
   for (const bkn_bench::shape_case& c : bkn_bench::shape_cases(s)) {
     if (baselines.insert(c.shape_name()).second) bkn_bench::register_baselines(c);
