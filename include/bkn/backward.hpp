@@ -252,6 +252,50 @@ struct transition_backward_op {
   }
 };
 
+/// Diagonal mode through an identity or diagonal A (`scaled`), one prior per group, per (g, c):
+/// d(prior mean) = a dmu_pred and d(prior var) = a^2 dv_pred, as transition_backward_op computes
+/// them, in the 2-D form that vectorizes (that functor's loop over the groups does not).
+template <class P, bool scaled>
+struct channel_transition_backward_op {
+  const P* weights;  // A's diagonal; unread for the identity
+  index_t channels;
+  const P *dmean_pred, *dvar_pred;
+  P *dprior_mean, *dprior_var;
+
+  BKN_HOST_DEVICE index_t grid_width() const { return channels; }
+  BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
+  BKN_HOST_DEVICE void at(index_t g, index_t c) const {
+    const index_t i = g * channels + c;
+    const double a = scaled ? double(weights[c]) : 1.0;
+    dprior_mean[i] = P(a * double(dmean_pred[i]));
+    dprior_var[i] = P(a * a * double(dvar_pred[i]));
+  }
+};
+
+/// The same for a prior shared by every group: its gradient summed over the groups in order
+/// (a group-sum functor, see steps.hpp).
+template <class P, bool scaled>
+struct shared_transition_backward_op {
+  const P* weights;
+  index_t groups, channels;
+  const P *dmean_pred, *dvar_pred;
+  P *dprior_mean, *dprior_var;
+
+  static constexpr int sums = 2;
+  BKN_HOST_DEVICE index_t group_count() const { return groups; }
+  BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
+    const index_t i = g * channels + c;
+    const double a = scaled ? double(weights[c]) : 1.0;
+    acc[0] += a * double(dmean_pred[i]);
+    acc[stride] += a * a * double(dvar_pred[i]);
+  }
+  BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
+    dprior_mean[c] = P(acc[0]);
+    dprior_var[c] = P(acc[stride]);
+  }
+  BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
+};
+
 /// Per weight of A (diagonal: c; dense: (c, k)): the mean part of dA, plus in diagonal mode
 /// the variance part 2 a dvar_pred v_prev. Full mode adds its covariance part afterwards.
 template <class P>
@@ -798,11 +842,29 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
       reduce(dense_transition_backward_op<P, false>());
     else
       reduce(dense_transition_backward_op<P>());
+  } else if (!full) {
+    const auto per_channel = [&](auto scaled) {
+      constexpr bool s = decltype(scaled)::value;
+      if (PG == 1)
+        K::for_each(backend, C,
+                    shared_transition_backward_op<P, s>{A.weights.data(), G, C,
+                                                        w.dmean_predicted.data(), dvar_pred,
+                                                        dprior.mean.data(), dprior.cov.data()});
+      else
+        K::for_each(backend, G * C,
+                    channel_transition_backward_op<P, s>{A.weights.data(), C,
+                                                         w.dmean_predicted.data(), dvar_pred,
+                                                         dprior.mean.data(), dprior.cov.data()});
+    };
+    if (kind == transition_kind::diagonal)
+      per_channel(std::true_type());
+    else
+      per_channel(std::false_type());
   } else {
     K::for_each(backend, PG * Cin,
                 transition_backward_op<P>{kind, A.weights.data(), G, PG, C, Cin,
-                                          w.dmean_predicted.data(), dvar_pred,
-                                          dprior.mean.data(), full ? nullptr : dprior.cov.data()});
+                                          w.dmean_predicted.data(), nullptr, dprior.mean.data(),
+                                          nullptr});
   }
   if (!full) return;
   if (kind != transition_kind::dense) {
