@@ -296,36 +296,30 @@ struct shared_transition_backward_op {
   BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
 };
 
-/// Per weight of A (diagonal: c; dense: (c, k)): the mean part of dA, plus in diagonal mode
-/// the variance part 2 a dvar_pred v_prev. Full mode adds its covariance part afterwards.
-template <class P>
-struct transition_gradient_op {
-  transition_kind kind;
+/// A diagonal A's gradient per channel c: the mean part sum_g dmu_pred[g, c] mu_prev[g, c],
+/// plus with `variances` (diagonal mode) the variance part sum_g 2 a_c dv_pred[g, c]
+/// v_prev[g, c], each group's two terms added in turn. Full mode adds its covariance part
+/// afterwards. A group-sum functor (see steps.hpp), so the sums over the groups vectorize
+/// across channels.
+template <class P, bool variances = true>
+struct diagonal_transition_gradient_op {
   const P* weights;
-  index_t groups, prior_groups, channels, in_channels;
-  const P *dmean_pred, *dvar_pred, *prior_mean, *prior_var;  // *var null in full mode
+  index_t groups, prior_groups, channels;
+  const P *dmean_pred, *dvar_pred, *prior_mean, *prior_var;  // *var unread without variances
   P* dweights;
-  bool accumulate;
 
-  // Rows of dense A's C x C' weights; a diagonal A is one row of C.
-  BKN_HOST_DEVICE index_t grid_width() const {
-    return kind == transition_kind::dense ? in_channels : channels;
+  static constexpr int sums = 1;
+  BKN_HOST_DEVICE index_t group_count() const { return groups; }
+  BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t) const {
+    const index_t i = g * channels + c, prior = (prior_groups == 1 ? 0 : g) * channels + c;
+    acc[0] += double(dmean_pred[i]) * double(prior_mean[prior]);
+    if constexpr (variances)
+      acc[0] += 2 * double(weights[c]) * double(dvar_pred[i]) * double(prior_var[prior]);
   }
-  BKN_HOST_DEVICE void operator()(index_t e) const { at(e / grid_width(), e % grid_width()); }
-  BKN_HOST_DEVICE void at(index_t row, index_t col) const {
-    const bool dense = kind == transition_kind::dense;
-    const index_t e = row * grid_width() + col;
-    const index_t c = dense ? row : col, k = col;
-    const double a = double(weights[e]);
-    double s = accumulate ? double(dweights[e]) : 0.0;
-    for (index_t g = 0; g < groups; ++g) {
-      const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
-      s += double(dmean_pred[g * channels + c]) * double(prior_mean[base + k]);
-      if (dvar_pred)
-        s += 2 * a * double(dvar_pred[g * channels + c]) * double(prior_var[base + k]);
-    }
-    dweights[e] = P(s);
+  BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t) const {
+    dweights[c] = P(acc[0]);
   }
+  BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
 };
 
 /// Columns of A per tile of the dense transition's backward (two lanes), and prior groups
@@ -458,7 +452,7 @@ struct dense_transition_backward_op {
   }
 };
 
-/// transition_gradient_op for a dense A, per tile of dense_tile_weight_rows rows c by
+/// A dense A's gradient, per tile of dense_tile_weight_rows rows c by
 /// dense_block columns k: dA[c, k] = sum_g dmu_pred[g, c] mu_prev[g, k] (+ with `variances`
 /// 2 A[c, k] sum_g dSigma_pred[g, c] v_prev[g, k]), each prior row loaded once for the tile.
 template <class P, bool variances = true>
@@ -799,12 +793,17 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
       gradient(dense_transition_gradient_op<P>());
   }
   if (!dweights.empty() && kind != transition_kind::identity) {
-    if (kind != transition_kind::dense)
-      K::for_each(backend, A.weight_count(C),
-                  transition_gradient_op<P>{kind, A.weights.data(), G, PG, C, Cin,
-                                            w.dmean_predicted.data(), dvar_pred,
-                                            prior.mean.data(), full ? nullptr : prior.cov.data(),
-                                            dweights.data(), host_weights});
+    if (kind == transition_kind::diagonal) {
+      const auto gradient = [&](auto op) {
+        op = {A.weights.data(), G, PG, C, w.dmean_predicted.data(), dvar_pred,
+              prior.mean.data(), full ? nullptr : prior.cov.data(), dweights.data()};
+        K::for_each(backend, C, op);
+      };
+      if (full)
+        gradient(diagonal_transition_gradient_op<P, false>());
+      else
+        gradient(diagonal_transition_gradient_op<P>());
+    }
     if (full && kind == transition_kind::diagonal)
       K::for_each(backend, C,
                   diagonal_transition_cov_gradient_op<P>{A.weights.data(), G, PG, C,
