@@ -272,18 +272,23 @@ struct class_sums_op {
   index_t channels, in_channels, kernel_height, kernel_width;
   P *sum_w, *sum_w2;  // [k][c][c']
 
-  BKN_HOST_DEVICE void operator()(index_t e) const {
-    const index_t pairs = channels * in_channels;
-    const index_t k = e / pairs, pair = e % pairs;
+  // Rows of one class's C x C' pairs: the class's rectangle of taps is fixed along a row.
+  BKN_HOST_DEVICE index_t grid_width() const { return channels * in_channels; }
+  BKN_HOST_DEVICE void operator()(index_t e) const { at(e / grid_width(), e % grid_width()); }
+  BKN_HOST_DEVICE void at(index_t k, index_t pair) const {
+    // The taps class k covers are a rectangle (a band of rows by a band of columns): walked
+    // directly, in the order of a walk over every tap that skips the others.
+    const tap_band& rows = classes.row[k / classes.cols];
+    const tap_band& cols = classes.col[k % classes.cols];
     const P* w = weights + pair * kernel_height * kernel_width;
     double s = 0, s2 = 0;
-    for (index_t u = 0; u < kernel_height; ++u)
-      for (index_t v = 0; v < kernel_width; ++v)
-        if (classes.covers(k, u, v)) {
-          const double x = double(w[u * kernel_width + v]);
-          s += x;
-          s2 += x * x;
-        }
+    for (index_t u = rows.first; u <= rows.last; ++u)
+      for (index_t v = cols.first; v <= cols.last; ++v) {
+        const double x = double(w[u * kernel_width + v]);
+        s += x;
+        s2 += x * x;
+      }
+    const index_t e = k * grid_width() + pair;
     sum_w[e] = P(s);
     sum_w2[e] = P(s2);
   }
