@@ -216,50 +216,14 @@ struct scalar_gain_gradient_op {
   }
 };
 
-/// Per (prior group g', channel k of the previous layer): d(prior mean), and in diagonal mode
-/// d(prior variance), through A^T and (A o A)^T. A prior shared by every group (one prior
-/// group) receives the sum over the groups.
-template <class P>
-struct transition_backward_op {
-  transition_kind kind;
-  const P* weights;
-  index_t groups, prior_groups, channels, in_channels;
-  const P *dmean_pred, *dvar_pred;  // dvar_pred null in full mode
-  P *dprior_mean, *dprior_var;
-
-  BKN_HOST_DEVICE index_t grid_width() const { return in_channels; }
-  BKN_HOST_DEVICE void operator()(index_t e) const { at(e / in_channels, e % in_channels); }
-  BKN_HOST_DEVICE void at(index_t gp, index_t k) const {
-    const index_t e = gp * in_channels + k;
-    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
-    double dm = 0, dv = 0;
-    for (index_t g = first; g < last; ++g) {
-      const P* dmu = dmean_pred + g * channels;
-      if (kind == transition_kind::dense) {
-        for (index_t c = 0; c < channels; ++c) {
-          const double a = double(weights[c * in_channels + k]);
-          dm += a * double(dmu[c]);
-          if (dvar_pred) dv += a * a * double(dvar_pred[g * channels + c]);
-        }
-      } else {
-        const double a = kind == transition_kind::diagonal ? double(weights[k]) : 1.0;
-        dm += a * double(dmu[k]);
-        if (dvar_pred) dv += a * a * double(dvar_pred[g * channels + k]);
-      }
-    }
-    dprior_mean[e] = P(dm);
-    if (dvar_pred) dprior_var[e] = P(dv);
-  }
-};
-
-/// Diagonal mode through an identity or diagonal A (`scaled`), one prior per group, per (g, c):
-/// d(prior mean) = a dmu_pred and d(prior var) = a^2 dv_pred, as transition_backward_op computes
-/// them, in the 2-D form that vectorizes (that functor's loop over the groups does not).
-template <class P, bool scaled>
+/// d(prior) through an identity or diagonal A (`scaled`), one prior per group, per (g, c):
+/// d(prior mean) = a dmu_pred, and in diagonal mode (`variances`) d(prior var) = a^2 dv_pred.
+/// In full mode the prior covariance's gradient comes from transition_cov_backward_op.
+template <class P, bool scaled, bool variances>
 struct channel_transition_backward_op {
   const P* weights;  // A's diagonal; unread for the identity
   index_t channels;
-  const P *dmean_pred, *dvar_pred;
+  const P *dmean_pred, *dvar_pred;  // dvar_pred unread without variances
   P *dprior_mean, *dprior_var;
 
   BKN_HOST_DEVICE index_t grid_width() const { return channels; }
@@ -268,30 +232,30 @@ struct channel_transition_backward_op {
     const index_t i = g * channels + c;
     const double a = scaled ? double(weights[c]) : 1.0;
     dprior_mean[i] = P(a * double(dmean_pred[i]));
-    dprior_var[i] = P(a * a * double(dvar_pred[i]));
+    if constexpr (variances) dprior_var[i] = P(a * a * double(dvar_pred[i]));
   }
 };
 
 /// The same for a prior shared by every group: its gradient summed over the groups in order
 /// (a group-sum functor, see steps.hpp).
-template <class P, bool scaled>
+template <class P, bool scaled, bool variances>
 struct shared_transition_backward_op {
   const P* weights;
   index_t groups, channels;
   const P *dmean_pred, *dvar_pred;
   P *dprior_mean, *dprior_var;
 
-  static constexpr int sums = 2;
+  static constexpr int sums = variances ? 2 : 1;
   BKN_HOST_DEVICE index_t group_count() const { return groups; }
   BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
     const index_t i = g * channels + c;
     const double a = scaled ? double(weights[c]) : 1.0;
     acc[0] += a * double(dmean_pred[i]);
-    acc[stride] += a * a * double(dvar_pred[i]);
+    if constexpr (variances) acc[stride] += a * a * double(dvar_pred[i]);
   }
   BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
     dprior_mean[c] = P(acc[0]);
-    dprior_var[c] = P(acc[stride]);
+    if constexpr (variances) dprior_var[c] = P(acc[stride]);
   }
   BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
 };
@@ -328,7 +292,7 @@ struct diagonal_transition_gradient_op {
 inline constexpr index_t dense_block = 2 * lane_count, dense_tile_prior_groups = 4,
                          dense_tile_weight_rows = 4;
 
-/// transition_backward_op for a dense A, per tile of dense_block channels k of the previous
+/// d(prior) through a dense A, per tile of dense_block channels k of the previous
 /// layer by dense_tile_prior_groups prior groups g': d(prior mean)[g', k] = sum over the rows
 /// (g, c), g the groups that read g', of A[c, k] dmu_pred[g, c], and with `variances`
 /// d(prior var) with A[c, k]^2 dSigma_pred[g, c]. A is read row by row (contiguous in k). A
@@ -841,29 +805,31 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
       reduce(dense_transition_backward_op<P, false>());
     else
       reduce(dense_transition_backward_op<P>());
-  } else if (!full) {
-    const auto per_channel = [&](auto scaled) {
-      constexpr bool s = decltype(scaled)::value;
+  } else {
+    // Identity or diagonal: per (group, channel), or summed over the groups for a shared prior.
+    const auto per_channel = [&](auto scaled, auto variances) {
+      constexpr bool s = decltype(scaled)::value, v = decltype(variances)::value;
       if (PG == 1)
         K::for_each(backend, C,
-                    shared_transition_backward_op<P, s>{A.weights.data(), G, C,
-                                                        w.dmean_predicted.data(), dvar_pred,
-                                                        dprior.mean.data(), dprior.cov.data()});
+                    shared_transition_backward_op<P, s, v>{A.weights.data(), G, C,
+                                                           w.dmean_predicted.data(), dvar_pred,
+                                                           dprior.mean.data(), dprior.cov.data()});
       else
         K::for_each(backend, G * C,
-                    channel_transition_backward_op<P, s>{A.weights.data(), C,
-                                                         w.dmean_predicted.data(), dvar_pred,
-                                                         dprior.mean.data(), dprior.cov.data()});
+                    channel_transition_backward_op<P, s, v>{
+                        A.weights.data(), C, w.dmean_predicted.data(), dvar_pred,
+                        dprior.mean.data(), dprior.cov.data()});
+    };
+    const auto with = [&](auto scaled) {
+      if (full)
+        per_channel(scaled, std::false_type());
+      else
+        per_channel(scaled, std::true_type());
     };
     if (kind == transition_kind::diagonal)
-      per_channel(std::true_type());
+      with(std::true_type());
     else
-      per_channel(std::false_type());
-  } else {
-    K::for_each(backend, PG * Cin,
-                transition_backward_op<P>{kind, A.weights.data(), G, PG, C, Cin,
-                                          w.dmean_predicted.data(), nullptr, dprior.mean.data(),
-                                          nullptr});
+      with(std::false_type());
   }
   if (!full) return;
   if (kind != transition_kind::dense) {

@@ -635,6 +635,19 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
                                 predicted.cov.data()});
 }
 
+/// gain_op writing `gain` and `slope`, the learned gains' sigmoids computed first, once, in
+/// w.dq and w.dmean (free until backward's coefficients). `skip`: per group, or null.
+template <class Backend, class P>
+gain_op<P> gain_rows(const Backend& backend, const options& opt, span<const P> gain_logit,
+                     index_t C, const P* skip, P* gain, P* slope, const layer_workspace<P>& w) {
+  const bool learned = opt.fixed_gain < 0 && !gain_logit.empty();
+  if (learned)
+    kernels<Backend>::for_each(backend, gain_logit.size(),
+                               gain_sigmoid_op<P>{gain_logit.data(), w.dq.data(), w.dmean.data()});
+  return {learned ? w.dq.data() : nullptr, learned ? w.dmean.data() : nullptr,
+          gain_logit.size(), C, opt.fixed_gain, skip, gain, slope};
+}
+
 /// The effective gains of every (g, c) into w.gain and w.gain_slope.
 template <class Backend, class P>
 void compute_gains(const Backend& backend, const options& opt, span<const P> gain_logit,
@@ -648,15 +661,9 @@ void compute_gains(const Backend& backend, const options& opt, span<const P> gai
                 skip_rule_op<P>{predicted.cov.data(), observed.cov.data(), C,
                                 opt.mode == covariance::full ? C + 1 : 1, opt.skip_threshold,
                                 opt.epsilon, w.skip.data()});
-  // The learned gains' sigmoids once, in w.dq and w.dmean (free until backward's coefficients).
-  const bool learned = opt.fixed_gain < 0 && !gain_logit.empty();
-  if (learned)
-    K::for_each(backend, gain_logit.size(),
-                gain_sigmoid_op<P>{gain_logit.data(), w.dq.data(), w.dmean.data()});
   K::for_each(backend, G * C,
-              gain_op<P>{learned ? w.dq.data() : nullptr, learned ? w.dmean.data() : nullptr,
-                         gain_logit.size(), C, opt.fixed_gain, skip ? w.skip.data() : nullptr,
-                         w.gain.data(), w.gain_slope.data()});
+              gain_rows(backend, opt, gain_logit, C, skip ? w.skip.data() : nullptr,
+                        w.gain.data(), w.gain_slope.data(), w));
 }
 
 /// Whether forward may run predict, the gains, update and the coefficients as kalman_step: in
@@ -671,7 +678,7 @@ bool one_kalman_pass(const options& opt, const transition<P>& A) {
 /// predict, compute_gains, update and normalize's coefficients (into w.a, w.k) in one pass over
 /// the groups (kalman_step_op), where one_kalman_pass holds. Its per-channel inputs go to
 /// arrays of C that forward leaves free: ones in w.b, zeros and R's diagonal in w.sum_dy_centred
-/// and w.sum_dy (predict_inputs), the sigmoids in w.dq and w.dmean (compute_gains), the gains of
+/// and w.sum_dy (predict_inputs), the sigmoids in w.dq and w.dmean (gain_rows), the gains of
 /// one row in w.dmean_predicted (gain_op's slopes in w.dcov_predicted, unread).
 template <class Backend, class P>
 void kalman_step(const Backend& backend, const options& opt, const parameters<P>& p,
@@ -686,14 +693,9 @@ void kalman_step(const Backend& backend, const options& opt, const parameters<P>
   const bool identity = p.transition.kind == transition_kind::identity;
   if (identity || p.gamma.empty()) K::for_each(backend, C, fill_op<P>{w.b.data(), P(1)});
   const P* ones = w.b.data();
-  const bool learned = opt.fixed_gain < 0 && !p.gain_logit.empty();
-  if (learned)
-    K::for_each(backend, p.gain_logit.size(),
-                gain_sigmoid_op<P>{p.gain_logit.data(), w.dq.data(), w.dmean.data()});
   K::for_each(backend, C,
-              gain_op<P>{learned ? w.dq.data() : nullptr, learned ? w.dmean.data() : nullptr,
-                         p.gain_logit.size(), C, opt.fixed_gain, nullptr,
-                         w.dmean_predicted.data(), w.dcov_predicted.data()});
+              gain_rows(backend, opt, p.gain_logit, C, static_cast<const P*>(nullptr),
+                        w.dmean_predicted.data(), w.dcov_predicted.data(), w));
   K::for_each(backend, G * C,
               kalman_step_op<P>{identity ? ones : p.transition.weights.data(),
                                 in.noise_variance,
