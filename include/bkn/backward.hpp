@@ -539,23 +539,56 @@ struct diagonal_transition_cov_gradient_op {
 };
 
 /// Weights transition, per (g, k, c): the gradients of border class k's mean and variance,
-/// from mu_pred = sum_k w_k mean_k and v_pred = sum_k w_k (var_k + (mean_k - mu_pred)^2) + r.
+/// from mu_pred = sum_k w_k mean_k and v_pred = sum_k w_k (var_k + (mean_k - mu_pred)^2) + r,
+/// with mean_k = b_c + the tap means k sees.
 template <class P>
 struct class_gradient_op {
   border_classes classes;
-  const P *act_mean, *class_w, *bias, *pred_mean, *dmean_pred, *dvar_pred;
-  index_t prior_groups, channels, in_channels;
+  const P *tap_mean, *bias, *pred_mean, *dmean_pred, *dvar_pred;
+  index_t prior_groups, channels, kernel_width, kernel_taps;
   P *class_dmean, *class_dvar;
 
   BKN_HOST_DEVICE void operator()(index_t e) const {
     const index_t K = classes.count(), C = channels;
     const index_t g = e / (K * C), k = (e / C) % K, c = e % C, i = g * C + c;
-    const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
+    const index_t first = (prior_groups == 1 ? c : i) * kernel_taps;
     const double wk = classes.weight(k);
-    const double mk = class_mean(act_mean + base, class_w, bias, k, c, C, in_channels);
+    const double mk = (bias ? double(bias[c]) : 0.0) +
+                      class_tap_sum(classes, k, kernel_width, tap_mean + first);
     const double dv = double(dvar_pred[i]);
     class_dmean[e] = P(wk * (double(dmean_pred[i]) + 2 * dv * (mk - double(pred_mean[i]))));
     class_dvar[e] = P(wk * dv);
+  }
+};
+
+/// Weights transition, per (prior group g', channel c, tap (u, v)): the gradients of the tap
+/// moments, the class gradients summed over the classes that see the tap and over the groups
+/// that share the prior.
+template <class P>
+struct tap_gradient_op {
+  border_classes classes;
+  const P *class_dmean, *class_dvar;
+  index_t groups, prior_groups, channels, kernel_width, kernel_taps;
+  P *tap_dmean, *tap_dvar;
+
+  BKN_HOST_DEVICE void operator()(index_t e) const {
+    const index_t C = channels, K = classes.count();
+    const index_t t = e % kernel_taps, c = (e / kernel_taps) % C, gp = e / (kernel_taps * C);
+    const index_t u = t / kernel_width, v = t % kernel_width;
+    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
+    double dm = 0, dv = 0;
+    for (index_t g = first; g < last; ++g)
+      for (index_t r = 0; r < classes.rows; ++r) {
+        if (u < classes.row[r].first || u > classes.row[r].last) continue;
+        for (index_t q = 0; q < classes.cols; ++q) {
+          if (v < classes.col[q].first || v > classes.col[q].last) continue;
+          const index_t d = (g * K + r * classes.cols + q) * C + c;
+          dm += double(class_dmean[d]);
+          dv += double(class_dvar[d]);
+        }
+      }
+    tap_dmean[e] = P(dm);
+    tap_dvar[e] = P(dv);
   }
 };
 
@@ -571,30 +604,45 @@ BKN_HOST_DEVICE inline void through_activation(activation act, moment_function c
 }
 
 /// Weights transition, per (prior group g', channel c'): the gradients of the activation's
-/// mean and variance, then through the activation to the prior.
+/// mean and variance, sum over (c, t) of tap_dmean W[c, c', t] and tap_dvar W[c, c', t]^2, then
+/// through the activation to the prior.
 template <class P>
 struct weights_input_gradient_op {
-  border_classes classes;
   activation act;
   moment_function custom;
-  const P *prior_mean, *prior_var, *class_w, *class_w2, *class_dmean, *class_dvar;
-  index_t groups, prior_groups, channels, in_channels;
+  const P *weights, *prior_mean, *prior_var, *tap_dmean, *tap_dvar;
+  index_t prior_groups, channels, in_channels, kernel_taps;
   P *dprior_mean, *dprior_var;
 
-  BKN_HOST_DEVICE void operator()(index_t e) const {
-    const index_t K = classes.count(), C = channels, Cin = in_channels;
-    const index_t gp = e / Cin, j = e % Cin;
-    const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
-    double de = 0, dvar = 0;
-    for (index_t g = first; g < last; ++g)
-      for (index_t k = 0; k < K; ++k)
-        for (index_t c = 0; c < C; ++c) {
-          const index_t d = (g * K + k) * C + c, s = (k * C + c) * Cin + j;
-          de += double(class_dmean[d]) * double(class_w[s]);
-          dvar += double(class_dvar[d]) * double(class_w2[s]);
-        }
-    through_activation(act, custom, prior_mean[e], prior_var[e], de, dvar, dprior_mean[e],
-                       dprior_var[e]);
+  BKN_HOST_DEVICE index_t work_per_item() const { return 2 * channels * kernel_taps; }
+  // Items input-channel-major: consecutive items read neighbouring runs of T values in each
+  // row of W, which stay in cache from one item to the next. The products of tap_block taps at
+  // a time go to one vector of partial sums, those of the last T mod tap_block taps to one
+  // more sum; all are added up at the end.
+  BKN_HOST_DEVICE void operator()(index_t item) const {
+    const index_t T = kernel_taps, C = channels;
+    const index_t j = item / prior_groups, gp = item % prior_groups;
+    lanes de = splat(0), dvar = splat(0);
+    double de_tail = 0, dvar_tail = 0;
+    for (index_t c = 0; c < C; ++c) {
+      const P* dm = tap_dmean + (gp * C + c) * T;
+      const P* dv = tap_dvar + (gp * C + c) * T;
+      const P* w = weights + (c * in_channels + j) * T;
+      index_t t = 0;
+      for (; t + tap_block <= T; t += tap_block) {
+        const lanes x = load_lanes(w + t);
+        de += load_lanes(dm + t) * x;
+        dvar += load_lanes(dv + t) * x * x;
+      }
+      for (; t < T; ++t) {
+        const double x = double(w[t]);
+        de_tail += double(dm[t]) * x;
+        dvar_tail += double(dv[t]) * x * x;
+      }
+    }
+    const index_t e = gp * in_channels + j;
+    through_activation(act, custom, prior_mean[e], prior_var[e], lane_sum(de) + de_tail,
+                       lane_sum(dvar) + dvar_tail, dprior_mean[e], dprior_var[e]);
   }
 };
 
@@ -614,31 +662,68 @@ struct activation_backward_op {
   }
 };
 
-/// Weights transition, per weight W[c, c', u, v]: adds sum over the classes whose taps include
-/// (u, v) and the groups of dmean_k E[f] + 2 W dvar_k Var[f] to the host's weight gradient.
+/// Weights transition, per weight W[c, c', t]: adds sum over the prior groups of
+/// tap_dmean E[f_c'] + 2 W tap_dvar Var[f_c'] to the host's weight gradient. Items are the
+/// rows of W (output channels c); each pair (c, c') of a row tap_block taps at a time.
 template <class P>
 struct weights_gradient_op {
-  border_classes classes;
-  const P *weights, *act_mean, *act_var, *class_dmean, *class_dvar;
-  index_t groups, prior_groups, channels, in_channels, kernel_height, kernel_width;
+  const P *weights, *act_mean, *act_var, *tap_dmean, *tap_dvar;
+  index_t prior_groups, channels, in_channels, kernel_taps;
   P* dweights;
 
-  BKN_HOST_DEVICE void operator()(index_t e) const {
-    const index_t K = classes.count(), C = channels, Cin = in_channels;
-    const index_t taps = kernel_height * kernel_width;
-    const index_t pair = e / taps, t = e % taps;
-    const index_t u = t / kernel_width, v = t % kernel_width, c = pair / Cin, j = pair % Cin;
-    const double w = double(weights[e]);
-    double s = 0;
-    for (index_t k = 0; k < K; ++k) {
-      if (!classes.covers(k, u, v)) continue;
-      for (index_t g = 0; g < groups; ++g) {
-        const index_t base = (prior_groups == 1 ? 0 : g) * Cin, d = (g * K + k) * C + c;
-        s += double(class_dmean[d]) * double(act_mean[base + j]) +
-             2 * w * double(class_dvar[d]) * double(act_var[base + j]);
+  BKN_HOST_DEVICE index_t work_per_item() const {
+    return 2 * in_channels * kernel_taps * prior_groups;
+  }
+  BKN_HOST_DEVICE void operator()(index_t c) const {
+    const index_t T = kernel_taps, C = channels, Cin = in_channels;
+    if (prior_groups == 1) return one_prior(c);
+    for (index_t j = 0; j < Cin; ++j) {
+      const index_t e = (c * Cin + j) * T;
+      index_t t = 0;
+      for (; t + tap_block <= T; t += tap_block) {
+        lanes s = splat(0);
+        for (index_t gp = 0; gp < prior_groups; ++gp) {
+          const index_t d = (gp * C + c) * T + t, a = gp * Cin + j;
+          s += load_lanes(tap_dmean + d) * splat(double(act_mean[a]));
+          s += load_lanes(weights + e + t) * load_lanes(tap_dvar + d) *
+               splat(2 * double(act_var[a]));
+        }
+        lanes sum = load_lanes(dweights + e + t);
+        sum += s;
+        store_lanes(dweights + e + t, sum);
+      }
+      for (; t < T; ++t) {
+        double s = 0;
+        for (index_t gp = 0; gp < prior_groups; ++gp) {
+          const index_t d = (gp * C + c) * T + t, a = gp * Cin + j;
+          s += double(tap_dmean[d]) * double(act_mean[a]) +
+               double(weights[e + t]) * double(tap_dvar[d]) * (2 * double(act_var[a]));
+        }
+        dweights[e + t] = P(double(dweights[e + t]) + s);
       }
     }
-    dweights[e] = P(double(dweights[e]) + s);
+  }
+  // One prior group (a shared prior, or one statistics group): the same sums of one term,
+  // without the loop over prior groups that costs more than the term at the row's last taps.
+  BKN_HOST_DEVICE void one_prior(index_t c) const {
+    const index_t T = kernel_taps, Cin = in_channels;
+    const P* dm = tap_dmean + c * T;
+    const P* dv = tap_dvar + c * T;
+    for (index_t j = 0; j < Cin; ++j) {
+      const double m = double(act_mean[j]), v = 2 * double(act_var[j]);
+      const index_t e = (c * Cin + j) * T;
+      index_t t = 0;
+      for (; t + tap_block <= T; t += tap_block) {
+        lanes s = load_lanes(dm + t) * splat(m);
+        s += load_lanes(weights + e + t) * load_lanes(dv + t) * splat(v);
+        lanes sum = load_lanes(dweights + e + t);
+        sum += s;
+        store_lanes(dweights + e + t, sum);
+      }
+      for (; t < T; ++t)
+        dweights[e + t] = P(double(dweights[e + t]) +
+                            (double(dm[t]) * m + double(weights[e + t]) * double(dv[t]) * v));
+    }
   }
 };
 
@@ -699,27 +784,30 @@ void weights_transition_backward(const Backend& backend, const transition<P>& A,
     }
     return;
   }
-  K::for_each(backend, KC * C * Cin,
-              class_sums_op<P>{classes, A.weights.data(), C, Cin, A.conv.kernel_height,
-                               A.conv.kernel_width, w.class_w.data(), w.class_w2.data()});
+  // The tap moments (for the classes' means), the classes' gradients, then the taps'.
+  const index_t T = A.conv.taps(), kw = A.conv.kernel_width;
+  K::for_each(backend, C * PG,
+              tap_moments_op<P>{A.weights.data(), w.act_mean.data(), w.act_var.data(), PG, C, Cin,
+                                T, w.tap_mean.data(), w.tap_var.data()});
   K::for_each(backend, G * KC * C,
-              class_gradient_op<P>{classes, w.act_mean.data(), w.class_w.data(), bias,
-                                   predicted.mean.data(), w.dmean_predicted.data(),
-                                   w.dcov_predicted.data(), PG, C, Cin, w.class_dmean.data(),
-                                   w.class_dvar.data()});
-  if (!dprior.empty())
-    K::for_each(backend, PG * Cin,
-                weights_input_gradient_op<P>{classes, A.act, A.moments, prior.mean.data(),
-                                             prior.cov.data(), w.class_w.data(),
-                                             w.class_w2.data(), w.class_dmean.data(),
-                                             w.class_dvar.data(), G, PG, C, Cin,
-                                             dprior.mean.data(), dprior.cov.data()});
+              class_gradient_op<P>{classes, w.tap_mean.data(), bias, predicted.mean.data(),
+                                   w.dmean_predicted.data(), w.dcov_predicted.data(), PG, C, kw,
+                                   T, w.class_dmean.data(), w.class_dvar.data()});
+  K::for_each(backend, PG * C * T,
+              tap_gradient_op<P>{classes, w.class_dmean.data(), w.class_dvar.data(), G, PG, C,
+                                 kw, T, w.tap_dmean.data(), w.tap_dvar.data()});
+  if (!dprior.empty()) {
+    K::for_each(backend, Cin * PG,
+                weights_input_gradient_op<P>{A.act, A.moments, A.weights.data(),
+                                             prior.mean.data(), prior.cov.data(),
+                                             w.tap_dmean.data(), w.tap_dvar.data(), PG, C, Cin,
+                                             T, dprior.mean.data(), dprior.cov.data()});
+  }
   if (!dweights.empty())
-    K::for_each(backend, dweights.size(),
-                weights_gradient_op<P>{classes, A.weights.data(), w.act_mean.data(),
-                                       w.act_var.data(), w.class_dmean.data(),
-                                       w.class_dvar.data(), G, PG, C, Cin, A.conv.kernel_height,
-                                       A.conv.kernel_width, dweights.data()});
+    K::for_each(backend, C,
+                weights_gradient_op<P>{A.weights.data(), w.act_mean.data(), w.act_var.data(),
+                                       w.tap_dmean.data(), w.tap_dvar.data(), PG, C, Cin, T,
+                                       dweights.data()});
   if (!dbias.empty())
     K::for_each(backend, C, bias_gradient_op<P>{G, KC, C, w.class_dmean.data(), dbias.data()});
 }

@@ -82,8 +82,9 @@ struct layer_workspace {
   span<P> skip;                         // G flags of the fusion skip rule
   span<P> sink;                         // C: optional outputs nobody asked for (branch-free loops)
   span<P> act_mean, act_var;            // G*C' moments of the activation (weights transition)
-  span<P> class_w, class_w2;            // K*C*C' tap sums per border class
-  span<P> class_dmean, class_dvar;      // G*K*C gradients of the class moments
+  span<P> tap_mean, tap_var;            // G*C*T moments of each tap's share of the output
+  span<P> tap_dmean, tap_dvar;          // G*C*T their gradients
+  span<P> class_dmean, class_dvar;      // G*K*C gradients of the border classes' moments
   span<std::byte> scratch;              // the backend's own
 };
 
@@ -98,7 +99,12 @@ layer_workspace<P> carve_workspace(workspace_arena& arena, const Backend& backen
   const index_t in_channels = A.input_channels(C) > 0 ? A.input_channels(C) : C;
   const index_t wide = C > in_channels ? C : in_channels;
   const bool through_weights = A.kind == transition_kind::weights && !full;
-  const index_t K = through_weights ? make_border_classes(A.conv, routine).count() : 0;
+  // make_border_classes checks the geometry. A pointwise weights transition runs as a dense
+  // one: no taps, no border classes.
+  const index_t classes = through_weights ? make_border_classes(A.conv, routine).count() : 0;
+  const bool through_taps = through_weights && !is_pointwise(A.conv);
+  const index_t K = through_taps ? classes : 0;
+  const index_t T = through_taps ? A.conv.taps() : 0;
   layer_workspace<P> w;
   w.var = arena.take<P>(full ? G * C : 0);
   w.a = arena.take<P>(G * C);
@@ -119,8 +125,10 @@ layer_workspace<P> carve_workspace(workspace_arena& arena, const Backend& backen
   w.sink = arena.take<P>(C);
   w.act_mean = arena.take<P>(through_weights ? G * in_channels : 0);
   w.act_var = arena.take<P>(through_weights ? G * in_channels : 0);
-  w.class_w = arena.take<P>(K * C * in_channels);
-  w.class_w2 = arena.take<P>(K * C * in_channels);
+  w.tap_mean = arena.take<P>(G * C * T);
+  w.tap_var = arena.take<P>(G * C * T);
+  w.tap_dmean = arena.take<P>(G * C * T);
+  w.tap_dvar = arena.take<P>(G * C * T);
   w.class_dmean = arena.take<P>(G * K * C);
   w.class_dvar = arena.take<P>(G * K * C);
   w.scratch = arena.take_bytes(kernels<Backend>::scratch_bytes(backend, x, group_size, opt.mode));

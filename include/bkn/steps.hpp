@@ -264,71 +264,107 @@ struct activation_op {
   }
 };
 
-/// Per border class k and (c, c'): the sums of W and of W^2 over the taps valid in k.
-template <class P>
-struct class_sums_op {
-  border_classes classes;
-  const P* weights;
-  index_t channels, in_channels, kernel_height, kernel_width;
-  P *sum_w, *sum_w2;  // [k][c][c']
+/// Taps of a weights transition taken together, a vector of them (lanes).
+inline constexpr index_t tap_block = lane_count;
 
-  // Rows of one class's C x C' pairs: the class's rectangle of taps is fixed along a row.
-  BKN_HOST_DEVICE index_t grid_width() const { return channels * in_channels; }
-  BKN_HOST_DEVICE void operator()(index_t e) const { at(e / grid_width(), e % grid_width()); }
-  BKN_HOST_DEVICE void at(index_t k, index_t pair) const {
-    // The taps class k covers are a rectangle (a band of rows by a band of columns): walked
-    // directly, in the order of a walk over every tap that skips the others.
-    const tap_band& rows = classes.row[k / classes.cols];
-    const tap_band& cols = classes.col[k % classes.cols];
-    const P* w = weights + pair * kernel_height * kernel_width;
-    double s = 0, s2 = 0;
-    for (index_t u = rows.first; u <= rows.last; ++u)
-      for (index_t v = cols.first; v <= cols.last; ++v) {
-        const double x = double(w[u * kernel_width + v]);
-        s += x;
-        s2 += x * x;
+/// Weights transition, per (prior group g', channel c): each tap's share of the output's
+/// moments, sum_c' W[c, c', t] E[f_c'] and sum_c' W[c, c', t]^2 Var[f_c'], at
+/// [(g' C + c) T + t]. A border class's mean and within-class variance are these summed over
+/// the taps it sees, so the work is one pass over W per prior group, not one per class.
+template <class P>
+struct tap_moments_op {
+  const P *weights, *act_mean, *act_var;
+  index_t prior_groups, channels, in_channels, taps;
+  P *tap_mean, *tap_var;
+
+  BKN_HOST_DEVICE index_t work_per_item() const { return 2 * in_channels * taps; }
+  // Items channel-major: consecutive items share the channel's C' x T weights (in L1). Taps
+  // tap_block at a time, then the rest one at a time (an odd square kernel leaves one, as
+  // k^2 = 1 mod 8); even and odd input channels in separate partial sums, which halves the
+  // chain of dependent adds.
+  BKN_HOST_DEVICE void operator()(index_t i) const {
+    const index_t c = i / prior_groups, gp = i % prior_groups;
+    const P* w = weights + c * in_channels * taps;
+    const P* m = act_mean + gp * in_channels;
+    const P* v = act_var + gp * in_channels;
+    const index_t out = (gp * channels + c) * taps;
+    index_t t0 = 0;
+    for (; t0 + tap_block <= taps; t0 += tap_block) {
+      lanes sm0 = splat(0), sm1 = sm0, sv0 = sm0, sv1 = sm0;
+      index_t j = 0;
+      for (; j + 2 <= in_channels; j += 2) {
+        const lanes x0 = load_lanes(w + j * taps + t0), x1 = load_lanes(w + (j + 1) * taps + t0);
+        sm0 += x0 * splat(double(m[j]));
+        sv0 += x0 * x0 * splat(double(v[j]));
+        sm1 += x1 * splat(double(m[j + 1]));
+        sv1 += x1 * x1 * splat(double(v[j + 1]));
       }
-    const index_t e = k * grid_width() + pair;
-    sum_w[e] = P(s);
-    sum_w2[e] = P(s2);
+      if (j < in_channels) {
+        const lanes x0 = load_lanes(w + j * taps + t0);
+        sm0 += x0 * splat(double(m[j]));
+        sv0 += x0 * x0 * splat(double(v[j]));
+      }
+      sm0 += sm1;
+      sv0 += sv1;
+      store_lanes(tap_mean + out + t0, sm0);
+      store_lanes(tap_var + out + t0, sv0);
+    }
+    for (; t0 < taps; ++t0) {
+      double sm0 = 0, sm1 = 0, sv0 = 0, sv1 = 0;
+      index_t j = 0;
+      for (; j + 2 <= in_channels; j += 2) {
+        const double x0 = double(w[j * taps + t0]), x1 = double(w[(j + 1) * taps + t0]);
+        sm0 += x0 * double(m[j]);
+        sv0 += x0 * x0 * double(v[j]);
+        sm1 += x1 * double(m[j + 1]);
+        sv1 += x1 * x1 * double(v[j + 1]);
+      }
+      if (j < in_channels) {
+        const double x0 = double(w[j * taps + t0]);
+        sm0 += x0 * double(m[j]);
+        sv0 += x0 * x0 * double(v[j]);
+      }
+      tap_mean[out + t0] = P(sm0 + sm1);
+      tap_var[out + t0] = P(sv0 + sv1);
+    }
   }
 };
 
-/// The mean of border class k for (g, c): sum_c' E[f(z_c')] S_k[c, c'] + b_c.
+/// The sum of per-tap values (kh x kw, row-major) over the taps border class k sees: a
+/// rectangle, a band of kernel rows by a band of kernel columns.
 template <class P>
-BKN_HOST_DEVICE inline double class_mean(const P* act_mean, const P* sum_w, const P* bias,
-                                         index_t k, index_t c, index_t channels,
-                                         index_t in_channels) {
-  const P* s = sum_w + (k * channels + c) * in_channels;
-  double m = bias ? double(bias[c]) : 0.0;
-  for (index_t j = 0; j < in_channels; ++j) m += double(act_mean[j]) * double(s[j]);
-  return m;
+BKN_HOST_DEVICE inline double class_tap_sum(const border_classes& classes, index_t k,
+                                            index_t kernel_width, const P* taps) {
+  const tap_band& rows = classes.row[k / classes.cols];
+  const tap_band& cols = classes.col[k % classes.cols];
+  double s = 0;
+  for (index_t u = rows.first; u <= rows.last; ++u)
+    for (index_t v = cols.first; v <= cols.last; ++v) s += double(taps[u * kernel_width + v]);
+  return s;
 }
 
 /// Diagonal mode through the host's weights, per (g, c): the pooled mean and variance over
-/// the border classes (docs/math.md, "Transitions through the host layer").
+/// the border classes (docs/math.md, "Transitions through the host layer"), from the tap
+/// moments: class k's mean is b_c + its taps' tap_mean, its variance its taps' tap_var.
 template <class P>
 struct weights_predict_op {
   border_classes classes;
-  const P *act_mean, *act_var, *sum_w, *sum_w2, *bias, *noise;
-  index_t prior_groups, channels, in_channels;
+  const P *tap_mean, *tap_var, *bias, *noise;
+  index_t prior_groups, channels, kernel_width, kernel_taps;
   P *mean, *var;
 
   BKN_HOST_DEVICE void operator()(index_t i) const {
     const index_t g = i / channels, c = i % channels;
-    const index_t base = (prior_groups == 1 ? 0 : g) * in_channels;
+    const index_t first = (prior_groups == 1 ? c : g * channels + c) * kernel_taps;
     const index_t K = classes.count();
+    const double b = bias ? double(bias[c]) : 0.0;
     double mu = 0;
     for (index_t k = 0; k < K; ++k)
-      mu += classes.weight(k) *
-            class_mean(act_mean + base, sum_w, bias, k, c, channels, in_channels);
+      mu += classes.weight(k) * (b + class_tap_sum(classes, k, kernel_width, tap_mean + first));
     double v = 0;
     for (index_t k = 0; k < K; ++k) {
-      const P* q = sum_w2 + (k * channels + c) * in_channels;
-      double within = 0;
-      for (index_t j = 0; j < in_channels; ++j) within += double(act_var[base + j]) * double(q[j]);
-      const double d = class_mean(act_mean + base, sum_w, bias, k, c, channels, in_channels) - mu;
-      v += classes.weight(k) * (within + d * d);
+      const double d = b + class_tap_sum(classes, k, kernel_width, tap_mean + first) - mu;
+      v += classes.weight(k) * (class_tap_sum(classes, k, kernel_width, tap_var + first) + d * d);
     }
     mean[i] = P(mu);
     var[i] = P(v + (noise ? math::softplus(double(noise[c])) : 0.0));
@@ -581,14 +617,15 @@ void predict(const Backend& backend, covariance mode, const transition<P>& A,
     prior_var = w.act_var.data();
   }
   if (A.kind == transition_kind::weights && !full && !is_pointwise(A.conv)) {
-    const border_classes classes = make_border_classes(A.conv);
-    K::for_each(backend, classes.count() * C * Cin,
-                class_sums_op<P>{classes, A.weights.data(), C, Cin, A.conv.kernel_height,
-                                 A.conv.kernel_width, w.class_w.data(), w.class_w2.data()});
+    const index_t T = A.conv.taps();
+    K::for_each(backend, C * PG,
+                tap_moments_op<P>{A.weights.data(), w.act_mean.data(), w.act_var.data(), PG, C,
+                                  Cin, T, w.tap_mean.data(), w.tap_var.data()});
     K::for_each(backend, G * C,
-                weights_predict_op<P>{classes, w.act_mean.data(), w.act_var.data(),
-                                      w.class_w.data(), w.class_w2.data(), bias, noise_data, PG,
-                                      C, Cin, predicted.mean.data(), predicted.cov.data()});
+                weights_predict_op<P>{make_border_classes(A.conv), w.tap_mean.data(),
+                                      w.tap_var.data(), bias, noise_data, PG, C,
+                                      A.conv.kernel_width, T, predicted.mean.data(),
+                                      predicted.cov.data()});
     return;
   }
   // A pointwise weights transition (diagonal mode: a linear layer or a 1x1 convolution

@@ -105,6 +105,21 @@ struct layer_inputs {
   std::vector<double> x, dy;  // (n, c, pixel) order
 };
 
+/// The host layer of a weights transition, giving the case's H x W: a linear layer on 1x1, and
+/// convolutions whose taps cover a vector of taps and a remainder (3x3, 5x5), exactly one
+/// vector (4x2) or less (2x2), with and without padding.
+inline bkn::conv2d_geometry host_geometry(const layer_case& c) {
+  const index_t H = c.height, W = c.width;
+  if (H * W == 1) return {};
+  const bool odd = c.batch % 2 == 1;
+  if (H == 7 && W == 7) return odd ? bkn::conv2d_geometry{7, 7, 3, 3, 1, 1, 1, 1}
+                                   : bkn::conv2d_geometry{7, 7, 5, 5, 1, 1, 2, 2};
+  if (H == 5 && W == 3) return odd ? bkn::conv2d_geometry{8, 4, 4, 2, 1, 1, 0, 0}
+                                   : bkn::conv2d_geometry{6, 4, 2, 2, 1, 1, 0, 0};
+  bkn::conv2d_geometry same{H, W, 3, 3, 1, 1, 1, 1};
+  return same;
+}
+
 /// Leaves a drawn value as it is; a backend with narrower storage passes its own rounding.
 struct exact {
   double operator()(double v) const { return v; }
@@ -117,7 +132,9 @@ layer_inputs<P> draw(const layer_case& c, std::uint32_t seed, Round round = {}) 
   std::mt19937 rng(seed);
   std::normal_distribution<double> normal;
   const index_t G = c.batch / c.group_size;
-  const index_t Cin = c.transition == bkn::transition_kind::dense ? c.channels + 2 : c.channels;
+  const bool through_weights = c.transition == bkn::transition_kind::weights;
+  const index_t Cin =
+      c.transition == bkn::transition_kind::dense || through_weights ? c.channels + 2 : c.channels;
   bkn::options opt;
   opt.mode = c.mode;
   opt.group_size = c.group_size;
@@ -130,6 +147,7 @@ layer_inputs<P> draw(const layer_case& c, std::uint32_t seed, Round round = {}) 
   cfg.mode = c.mode;
   cfg.transition = c.transition;
   cfg.in_channels = Cin;
+  if (through_weights) cfg.conv = host_geometry(c);
   cfg.per_channel_gain = c.per_channel_gain;
   layer_inputs<P> in{c, opt, Cin, bkn::layer_storage<P>(cfg), {}, {}, {}};
   bkn::layer_storage<P>& s = in.storage;
@@ -137,6 +155,7 @@ layer_inputs<P> draw(const layer_case& c, std::uint32_t seed, Round round = {}) 
   for (auto& v : s.beta) v = P(normal(rng));
   for (auto& v : s.gain_logit) v = P(normal(rng));
   for (auto& v : s.transition_weights) v = P(0.5 + 0.2 * normal(rng));
+  for (auto& v : s.transition_bias) v = P(0.1 * normal(rng));
   for (auto& v : s.noise) v = P(normal(rng) - 2);
   for (auto& v : s.running_var) v = P(1 + std::abs(normal(rng)));
   for (auto& v : s.dposterior_mean) v = P(0.1 * normal(rng));
@@ -200,8 +219,8 @@ run_result<T, P> run_layer(const Backend& backend, layer_inputs<P> in) {
   tensor<T> x(c, T(0)), y(c, T(-7)), dy(c, T(0)), dx(c, T(-7));
   fill(x, in.x);
   fill(dy, in.dy);
-  bkn::host_workspace ws(bkn::workspace_size(backend, in.opt, x.view.shape(), in.in_channels));
   const bkn::layer<P> L = in.storage.view();
+  bkn::host_workspace ws(bkn::workspace_size(backend, in.opt, x.view.shape(), L.params.transition));
   bkn::forward(backend, in.opt, L, x.cview(), y.view, in.prior.view(), ws.bytes());
   bkn::backward(backend, in.opt, L, x.cview(), dy.cview(), dx.view, in.prior.view(),
                 in.prior.gradient(), ws.bytes());
@@ -262,8 +281,9 @@ inline std::string describe(const layer_case& c) {
 
 /// The sweep of issue #2: N in {1,2,3,8,32}, C in {1,3,16,64}, HxW in {1x1, 7x7, 5x3}, every
 /// group size dividing N among {1, 2, N}, four layouts, both modes (full on C <= 16), every
-/// transition, with and without a prior. Cases are drawn from the full product with a fixed
-/// seed so the suite stays fast while every value of every axis appears.
+/// transition (the host layer's weights in diagonal mode), with and without a prior. Cases are
+/// drawn from the full product with a fixed seed so the suite stays fast while every value of
+/// every axis appears.
 inline std::vector<layer_case> sweep(std::size_t count) {
   std::vector<layer_case> cases;
   std::mt19937 rng(2024);
@@ -272,7 +292,8 @@ inline std::vector<layer_case> sweep(std::size_t count) {
   const layout layouts[] = {layout::nc, layout::nchw, layout::nhwc, layout::strided};
   const bkn::transition_kind kinds[] = {bkn::transition_kind::identity,
                                         bkn::transition_kind::diagonal,
-                                        bkn::transition_kind::dense};
+                                        bkn::transition_kind::dense,
+                                        bkn::transition_kind::weights};
   for (std::size_t i = 0; cases.size() < count; ++i) {
     layer_case c{};
     c.batch = batches[i % 5];
@@ -286,7 +307,9 @@ inline std::vector<layer_case> sweep(std::size_t count) {
     if (c.batch % c.group_size != 0) c.group_size = c.batch;
     c.mode = (rng() % 3 == 0 && c.channels <= 16) ? bkn::covariance::full
                                                     : bkn::covariance::diagonal;
-    c.transition = kinds[rng() % 3];
+    c.transition = kinds[rng() % 4];
+    // Full-covariance mode takes the host's weights only as a linear layer without activation.
+    if (c.transition == bkn::transition_kind::weights) c.mode = bkn::covariance::diagonal;
     c.prior = rng() % 4 != 0;
     c.per_channel_gain = c.mode == bkn::covariance::diagonal && rng() % 2 == 0;
     c.training = rng() % 5 != 0;

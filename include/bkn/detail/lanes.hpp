@@ -74,6 +74,23 @@ BKN_HOST_DEVICE inline lanes load_lanes(const P* p) {
   return d;
 }
 
+/// The eight values narrowed to P and stored at p.
+template <class P>
+BKN_HOST_DEVICE inline void store_lanes(P* p, const lanes& d) {
+#ifdef BKN_VECTOR_LANES
+  if constexpr (std::is_same_v<P, float>) {
+    using floats = float __attribute__((vector_size(lane_count * sizeof(float))));
+    const floats f = __builtin_convertvector(d.v, floats);
+    std::memcpy(p, &f, sizeof f);
+    return;
+  } else if constexpr (std::is_same_v<P, double>) {
+    std::memcpy(p, &d.v, sizeof d.v);
+    return;
+  }
+#endif
+  for (index_t l = 0; l < lane_count; ++l) p[l] = P(d[l]);
+}
+
 BKN_HOST_DEVICE inline double lane(const lanes& v, index_t l) { return v[l]; }
 
 /// The eight lanes summed pairwise: ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).

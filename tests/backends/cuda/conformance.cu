@@ -63,11 +63,10 @@ result run_cuda(const bkn::cuda_backend& backend, conformance::layer_inputs<P> i
   const auto cat = [&](std::vector<P>& v) { return bkn::span<const P>(at(v)); };
 
   bkn::layer<P> L;
-  bkn::transition<P> A = bkn::transition<P>::identity();
-  if (c.transition == bkn::transition_kind::diagonal)
-    A = bkn::transition<P>::diagonal(cat(s.transition_weights));
-  else if (c.transition == bkn::transition_kind::dense)
-    A = bkn::transition<P>::dense(cat(s.transition_weights), in.in_channels);
+  // The host's transition (kind, geometry, activation) on the device copies of its arrays.
+  bkn::transition<P> A = s.view().params.transition;
+  A.weights = cat(s.transition_weights);
+  A.bias = cat(s.transition_bias);
   L.params = {cat(s.gamma), cat(s.beta), cat(s.gain_logit), A, cat(s.noise)};
   L.grads = {at(s.dgamma), at(s.dbeta), at(s.dgain_logit), at(s.dnoise),
              at(s.dtransition_weights), at(s.dtransition_bias)};
@@ -88,7 +87,7 @@ result run_cuda(const bkn::cuda_backend& backend, conformance::layer_inputs<P> i
                                    in.prior.channels);
   }
 
-  const std::size_t bytes = bkn::workspace_size(backend, in.opt, x.view.shape(), in.in_channels);
+  const std::size_t bytes = bkn::workspace_size(backend, in.opt, x.view.shape(), A);
   cuda_test::device_vector<std::byte> ws(bytes);  // cudaMalloc: 256-byte aligned
   const bkn::span<std::byte> workspace(ws.data(), index_t(bytes));
   bkn::forward(backend, in.opt, L, x.cview(), y.view, prior, workspace);
