@@ -663,21 +663,32 @@ struct activation_backward_op {
 };
 
 /// Weights transition, per weight W[c, c', t]: adds sum over the prior groups of
-/// tap_dmean E[f_c'] + 2 W tap_dvar Var[f_c'] to the host's weight gradient. Items are the
-/// rows of W (output channels c); each pair (c, c') of a row tap_block taps at a time.
+/// tap_dmean E[f_c'] + 2 W tap_dvar Var[f_c'] to the host's weight gradient. Items are runs of
+/// weight_run input channels of a row of W (output channel c), in memory order; each pair
+/// (c, c') tap_block taps at a time.
 template <class P>
 struct weights_gradient_op {
   const P *weights, *act_mean, *act_var, *tap_dmean, *tap_dvar;
   index_t prior_groups, channels, in_channels, kernel_taps;
   P* dweights;
 
-  BKN_HOST_DEVICE index_t work_per_item() const {
-    return 2 * in_channels * kernel_taps * prior_groups;
+  // Input channels per item: enough items for a device's threads, few enough that a CPU's
+  // division per item costs nothing.
+  static constexpr index_t weight_run = 16;
+
+  BKN_HOST_DEVICE index_t runs() const {
+    return channels * ((in_channels + weight_run - 1) / weight_run);
   }
-  BKN_HOST_DEVICE void operator()(index_t c) const {
+  BKN_HOST_DEVICE index_t work_per_item() const {
+    return 2 * weight_run * kernel_taps * prior_groups;
+  }
+  BKN_HOST_DEVICE void operator()(index_t item) const {
     const index_t T = kernel_taps, C = channels, Cin = in_channels;
-    if (prior_groups == 1) return one_prior(c);
-    for (index_t j = 0; j < Cin; ++j) {
+    const index_t per_row = (Cin + weight_run - 1) / weight_run;
+    const index_t c = item / per_row, j0 = item % per_row * weight_run;
+    const index_t j1 = j0 + weight_run < Cin ? j0 + weight_run : Cin;
+    if (prior_groups == 1) return one_prior(c, j0, j1);
+    for (index_t j = j0; j < j1; ++j) {
       const index_t e = (c * Cin + j) * T;
       index_t t = 0;
       for (; t + tap_block <= T; t += tap_block) {
@@ -705,11 +716,11 @@ struct weights_gradient_op {
   }
   // One prior group (a shared prior, or one statistics group): the same sums of one term,
   // without the loop over prior groups that costs more than the term at the row's last taps.
-  BKN_HOST_DEVICE void one_prior(index_t c) const {
+  BKN_HOST_DEVICE void one_prior(index_t c, index_t j0, index_t j1) const {
     const index_t T = kernel_taps, Cin = in_channels;
     const P* dm = tap_dmean + c * T;
     const P* dv = tap_dvar + c * T;
-    for (index_t j = 0; j < Cin; ++j) {
+    for (index_t j = j0; j < j1; ++j) {
       const double m = double(act_mean[j]), v = 2 * double(act_var[j]);
       const index_t e = (c * Cin + j) * T;
       index_t t = 0;
@@ -803,11 +814,12 @@ void weights_transition_backward(const Backend& backend, const transition<P>& A,
                                              w.tap_dmean.data(), w.tap_dvar.data(), PG, C, Cin,
                                              T, dprior.mean.data(), dprior.cov.data()});
   }
-  if (!dweights.empty())
-    K::for_each(backend, C,
-                weights_gradient_op<P>{A.weights.data(), w.act_mean.data(), w.act_var.data(),
-                                       w.tap_dmean.data(), w.tap_dvar.data(), PG, C, Cin, T,
-                                       dweights.data()});
+  if (!dweights.empty()) {
+    const weights_gradient_op<P> op{A.weights.data(), w.act_mean.data(), w.act_var.data(),
+                                    w.tap_dmean.data(), w.tap_dvar.data(), PG, C, Cin, T,
+                                    dweights.data()};
+    K::for_each(backend, op.runs(), op);
+  }
   if (!dbias.empty())
     K::for_each(backend, C, bias_gradient_op<P>{G, KC, C, w.class_dmean.data(), dbias.data()});
 }

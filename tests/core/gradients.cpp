@@ -876,6 +876,23 @@ TEST_CASE("gradients of one layer through a conv host layer: strides, padding, b
     }
 }
 
+TEST_CASE("gradients of one layer through a conv host layer wider than one run of its inputs") {
+  // 3x3 'same' convolution from C' = 19 channels: the per-tap functors (steps.hpp,
+  // backward.hpp) take eight taps as a vector and the ninth alone, and dW in runs of 16 input
+  // channels, so 19 leaves a partial run.
+  for (prior_kind prior : {prior_kind::per_group, prior_kind::shared}) {
+    layer_case c;
+    c.transition = transition_kind::weights;
+    c.in_channels = 19;
+    c.conv = {3, 3, 3, 3, 1, 1, 1, 1};
+    c.act = bkn::activation::relu;
+    c.prior = prior;
+    c.lay = layout::nchw;
+    c.shape = {4, 2, 3, 3};
+    check_layer(c);
+  }
+}
+
 TEST_CASE("gradients of one layer through a linear host layer in full-covariance mode") {
   layer_case c;
   c.mode = covariance::full;
