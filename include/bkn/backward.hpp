@@ -578,14 +578,11 @@ struct tap_gradient_op {
     const index_t first = prior_groups == 1 ? 0 : gp, last = prior_groups == 1 ? groups : gp + 1;
     double dm = 0, dv = 0;
     for (index_t g = first; g < last; ++g)
-      for (index_t r = 0; r < classes.rows; ++r) {
-        if (u < classes.row[r].first || u > classes.row[r].last) continue;
-        for (index_t q = 0; q < classes.cols; ++q) {
-          if (v < classes.col[q].first || v > classes.col[q].last) continue;
-          const index_t d = (g * K + r * classes.cols + q) * C + c;
-          dm += double(class_dmean[d]);
-          dv += double(class_dvar[d]);
-        }
+      for (index_t k = 0; k < K; ++k) {
+        if (!classes.covers(k, u, v)) continue;
+        const index_t d = (g * K + k) * C + c;
+        dm += double(class_dmean[d]);
+        dv += double(class_dvar[d]);
       }
     tap_dmean[e] = P(dm);
     tap_dvar[e] = P(dv);
