@@ -25,6 +25,17 @@
 #define BKN_HOST_DEVICE
 #endif
 
+// Small math the per-channel loops call (exp, log1p): inlined however large the routine that
+// calls the loop grows, so that the loop still vectorizes (GCC stops inlining into routines
+// past its growth limits, and a call per value is several times slower).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define BKN_FORCE_INLINE __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define BKN_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define BKN_FORCE_INLINE inline
+#endif
+
 BKN_BEGIN_NAMESPACE
 
 /// Signed 64-bit index for every extent, stride and offset: tensors past 2^31 elements are

@@ -19,7 +19,7 @@ namespace math {
 /// r = x - k log 2 in [-log 2 / 2, log 2 / 2] (log 2 in two parts, so k log 2 is exact) and e^r
 /// by its Taylor series to r^13 / 13! (the next term is under 5e-18); 2^k, down to 2^-1076, as
 /// the product of two powers of two built from their exponent bits.
-BKN_HOST_DEVICE inline double exp_nonpositive(double x) {
+BKN_HOST_DEVICE BKN_FORCE_INLINE double exp_nonpositive(double x) {
   using std::floor;
   constexpr double log2e = 1.4426950408889634, ln2_hi = 6.93147180369123816490e-01,
                    ln2_lo = 1.90821492927058770002e-10;
@@ -48,7 +48,7 @@ BKN_HOST_DEVICE inline double exp_nonpositive(double x) {
 
 /// log(1 + u) for 0 <= u <= 1, to a few ulps, in straight-line double arithmetic (see
 /// exp_nonpositive): 2 atanh(z) with z = u / (2 + u) <= 1/3, its odd series to z^35.
-BKN_HOST_DEVICE inline double log1p_unit(double u) {
+BKN_HOST_DEVICE BKN_FORCE_INLINE double log1p_unit(double u) {
   // Two loops of at most 16 steps: GCC unrolls (and then vectorizes) no longer loop.
   constexpr double high[] = {1.0 / 33, 1.0 / 31, 1.0 / 29, 1.0 / 27, 1.0 / 25, 1.0 / 23,
                              1.0 / 21, 1.0 / 19, 1.0 / 17},
@@ -64,7 +64,7 @@ BKN_HOST_DEVICE inline double log1p_unit(double u) {
 /// exp_nonpositive in float arithmetic, to about 1 float ulp (0 below -104, NaN for NaN): a
 /// float loop of it runs twice as wide and its series is half as long (to r^7 / 7!, the next
 /// term under 6e-9).
-BKN_HOST_DEVICE inline float exp_nonpositive(float x) {
+BKN_HOST_DEVICE BKN_FORCE_INLINE float exp_nonpositive(float x) {
   using std::floor;
   constexpr float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
   x = x < -104.0f ? -104.0f : x;
@@ -86,7 +86,7 @@ BKN_HOST_DEVICE inline float exp_nonpositive(float x) {
 }
 
 /// log1p_unit in float arithmetic, to a few float ulps: 2 atanh(z), its odd series to z^13.
-BKN_HOST_DEVICE inline float log1p_unit(float u) {
+BKN_HOST_DEVICE BKN_FORCE_INLINE float log1p_unit(float u) {
   constexpr float terms[] = {1.0f / 11, 1.0f / 9, 1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f};
   const float z = u / (2.0f + u), z2 = z * z;
   float s = 1.0f / 13;
