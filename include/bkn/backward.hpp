@@ -902,7 +902,7 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
       reduce(dense_transition_backward_op<P, false>());
     else
       reduce(dense_transition_backward_op<P>());
-  } else {
+  } else if (w.dmean_predicted.data() != dprior.mean.data()) {  // else in place (backward)
     // Identity or diagonal: per (group, channel), or summed over the groups for a shared prior.
     const auto per_channel = [&](auto scaled, auto variances) {
       constexpr bool s = decltype(scaled)::value, v = decltype(variances)::value;
@@ -1068,8 +1068,15 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   if (batch_stats && !s.dposterior.empty())
     detail::check_gaussian(routine, "state.dposterior", s.dposterior, G, C, opt.mode);
   const transition<P> A = prior.empty() ? transition<P>() : p.transition;
-  const auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size,
-                                                   A, workspace);
+  auto w = detail::carve_checked<Backend, P>(routine, backend, opt, x.shape(), group_size, A,
+                                             workspace);
+  // Through an identity A with one prior per group, d(prior) is the predicted state's gradient
+  // itself: the coefficients write it there rather than into the workspace for a copy.
+  if (has_prior && !full && A.kind == transition_kind::identity && prior.groups == G &&
+      !dprior.empty()) {
+    w.dmean_predicted = dprior.mean;
+    w.dcov_predicted = dprior.cov;
+  }
   if (opt.check_finite) {
     detail::check_finite(routine, "x", x);
     detail::check_finite(routine, "dy", dy);
@@ -1119,43 +1126,44 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
   // Without a prior q = 1: the predicted state is irrelevant; pass the observed one.
   const gaussian_view<const P> predicted = has_prior ? gaussian_view<const P>(s.predicted)
                                                      : gaussian_view<const P>(s.observed);
-  // The reductions, the coefficients and dx, a chunk of groups at a time when the backend asks
-  // for it (see forward).
+  const bool per_channel_gain =
+      has_prior && p.gain_logit.size() == C && !d.gain_logit.empty() && !full && C > 1;
+  const bool scalar_gain = has_prior && !d.gain_logit.empty() && !per_channel_gain;
+  P* dnoise = has_prior ? or_null(d.noise) : nullptr;
+  // A per-layer gain's gradient is summed per channel first, into w.a (the last chunk's dx pass
+  // has run when the sums finish).
+  P* dgain = per_channel_gain ? d.gain_logit.data() : scalar_gain ? w.a.data() : nullptr;
+
+  // The reductions, the coefficients, dx and the parameter gradients' sums, a chunk of groups at
+  // a time when the backend asks for it (see forward).
   const index_t chunk = detail::groups_per_chunk(backend, opt, A, x.shape(), group_size);
   for (index_t g0 = 0; g0 < G; g0 += chunk) {
     const index_t n = std::min(chunk, G - g0);
     const auto part = [&](auto view) { return detail::groups_of(view, g0, n, G, opt.mode); };
+    const detail::layer_workspace<P> wp = detail::groups_of(w, g0, n, G, C);
     detail::backward_groups(backend, opt, p, has_prior, detail::groups_of(x, g0, n, group_size),
                             detail::groups_of(dy, g0, n, group_size),
                             detail::groups_of(dx, g0, n, group_size), group_size,
                             part(gaussian_view<const P>(s.observed)), part(predicted),
                             part(gaussian_view<const P>(s.posterior)),
-                            part(gaussian_view<const P>(s.dposterior)),
-                            detail::groups_of(w, g0, n, G, C));
+                            part(gaussian_view<const P>(s.dposterior)), wp);
+    const auto gradients = [&](auto op) {
+      P* sink = w.sink.data();
+      op = {G, C, wp.sum_dy_centred.data(), wp.sum_dy.data(), wp.dq.data(),
+            wp.gain_slope.data(), wp.dcov_predicted.data(),
+            d.gamma.empty() ? sink : d.gamma.data(), d.beta.empty() ? sink : d.beta.data(),
+            dgain ? dgain : sink, dnoise ? dnoise : sink};
+      detail::sum_chunk(backend, C, op, w.carry, g0, n, G);
+    };
+    if (full && has_prior)
+      gradients(detail::parameter_gradients_op<P, true, true>());
+    else if (full)
+      gradients(detail::parameter_gradients_op<P, true>());
+    else if (has_prior)
+      gradients(detail::parameter_gradients_op<P, false, true>());
+    else
+      gradients(detail::parameter_gradients_op<P>());
   }
-
-  const bool per_channel_gain =
-      has_prior && p.gain_logit.size() == C && !d.gain_logit.empty() && !full && C > 1;
-  const bool scalar_gain = has_prior && !d.gain_logit.empty() && !per_channel_gain;
-  P* dnoise = has_prior ? or_null(d.noise) : nullptr;
-  // A per-layer gain's gradient is summed per channel first, into w.a (dx's pass has run).
-  P* dgain = per_channel_gain ? d.gain_logit.data() : scalar_gain ? w.a.data() : nullptr;
-  const auto gradients = [&](auto op) {
-    P* sink = w.sink.data();
-    op = {G, C, w.sum_dy_centred.data(), w.sum_dy.data(), w.dq.data(), w.gain_slope.data(),
-          w.dcov_predicted.data(),
-          d.gamma.empty() ? sink : d.gamma.data(), d.beta.empty() ? sink : d.beta.data(),
-          dgain ? dgain : sink, dnoise ? dnoise : sink};
-    K::for_each(backend, C, op);
-  };
-  if (full && has_prior)
-    gradients(detail::parameter_gradients_op<P, true, true>());
-  else if (full)
-    gradients(detail::parameter_gradients_op<P, true>());
-  else if (has_prior)
-    gradients(detail::parameter_gradients_op<P, false, true>());
-  else
-    gradients(detail::parameter_gradients_op<P>());
   if (dnoise != nullptr)
     K::for_each(backend, C, detail::noise_gradient_op<P>{p.noise.data(), dnoise});
   if (!has_prior) return;

@@ -225,42 +225,40 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
     return;
   }
 
-  // Statistics, the Kalman steps and the normalization, a chunk of groups at a time when the
-  // backend asks for it (a chunk's tensors and arrays are then read again from cache).
-  const index_t chunk = detail::groups_per_chunk(backend, opt, A, x.shape(), group_size);
-  for (index_t g0 = 0; g0 < G; g0 += chunk) {
-    const index_t n = std::min(chunk, G - g0);
-    const auto part = [&](auto view) { return detail::groups_of(view, g0, n, G, opt.mode); };
-    detail::forward_groups(backend, opt, p, detail::groups_of(x, g0, n, group_size),
-                           detail::groups_of(y, g0, n, group_size), group_size,
-                           part(prior), part(s.observed), part(s.predicted), part(s.posterior),
-                           detail::groups_of(w, g0, n, G, C));
-  }
-  if (!opt.training || L.running.mean.empty()) return;
-  if (L.running.skipped.empty()) K::for_each(backend, C, detail::fill_op<P>{w.sink.data(), P(0)});
+  // Statistics, the Kalman steps, the normalization and the moving averages' sums, a chunk of
+  // groups at a time when the backend asks for it (a chunk's tensors and arrays are then read
+  // again from cache).
+  const bool track = opt.training && !L.running.mean.empty();
+  if (track && L.running.skipped.empty())
+    K::for_each(backend, C, detail::fill_op<P>{w.sink.data(), P(0)});
   P* skipped = L.running.skipped.empty() ? w.sink.data() : L.running.skipped.data();
   const double bessel_excess =
       opt.unbiased_running_variance && group_size * x.spatial() > 1
           ? 1.0 / (double(group_size * x.spatial()) - 1)
           : 0.0;
-  if (prior.empty() && !full) {  // batch normalization: q = 1, the observed statistics
-    K::for_each(backend, C,
-                detail::running_update_op<P, false, true>{
-                    s.observed.mean.data(), s.observed.cov.data(), s.observed.cov.data(), nullptr,
-                    G, C, opt.momentum, bessel_excess, L.running.mean.data(),
-                    L.running.var.data(), skipped});
-    return;
+  const index_t chunk = detail::groups_per_chunk(backend, opt, A, x.shape(), group_size);
+  for (index_t g0 = 0; g0 < G; g0 += chunk) {
+    const index_t n = std::min(chunk, G - g0);
+    const auto part = [&](auto view) { return detail::groups_of(view, g0, n, G, opt.mode); };
+    const detail::layer_workspace<P> wp = detail::groups_of(w, g0, n, G, C);
+    const gaussian_view<P> observed = part(s.observed), posterior = part(s.posterior);
+    detail::forward_groups(backend, opt, p, detail::groups_of(x, g0, n, group_size),
+                           detail::groups_of(y, g0, n, group_size), group_size, part(prior),
+                           observed, part(s.predicted), posterior, wp);
+    if (!track) continue;
+    const auto moving_averages = [&](auto op, gaussian_view<const P> estimate) {
+      op = {estimate.mean.data(), estimate.cov.data(), observed.cov.data(), wp.gain.data(),
+            G, C, opt.momentum, bessel_excess, L.running.mean.data(), L.running.var.data(),
+            skipped};
+      detail::sum_chunk(backend, C, op, w.carry, g0, n, G);
+    };
+    if (prior.empty() && !full)  // batch normalization: q = 1, the observed statistics
+      moving_averages(detail::running_update_op<P, false, true>(), observed);
+    else if (full)
+      moving_averages(detail::running_update_op<P, true>(), posterior);
+    else
+      moving_averages(detail::running_update_op<P>(), posterior);
   }
-  const auto update = [&](auto op) {
-    op = {s.posterior.mean.data(), s.posterior.cov.data(), s.observed.cov.data(), w.gain.data(),
-          G, C, opt.momentum, bessel_excess, L.running.mean.data(), L.running.var.data(),
-          skipped};
-    K::for_each(backend, C, op);
-  };
-  if (full)
-    update(detail::running_update_op<P, true>());
-  else
-    update(detail::running_update_op<P>());
 }
 
 BKN_END_NAMESPACE

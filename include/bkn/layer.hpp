@@ -81,6 +81,7 @@ struct layer_workspace {
   span<P> gain, gain_slope;             // G*C effective gains and dq/dtheta
   span<P> skip;                         // G flags of the fusion skip rule
   span<P> sink;                         // C: optional outputs nobody asked for (branch-free loops)
+  span<double> carry;                   // 4*C: group sums carried from one chunk to the next
   span<P> act_mean, act_var;            // G*C' moments of the activation (weights transition)
   span<P> tap_mean, tap_var;            // G*C*T moments of each tap's share of the output
   span<P> tap_dmean, tap_dvar;          // G*C*T their gradients
@@ -132,6 +133,7 @@ layer_workspace<P> carve_workspace(workspace_arena& arena, const Backend& backen
   w.class_dmean = arena.take<P>(G * K * C);
   w.class_dvar = arena.take<P>(G * K * C);
   w.scratch = arena.take_bytes(kernels<Backend>::scratch_bytes(backend, x, group_size, opt.mode));
+  w.carry = arena.take<double>(4 * C);
   return w;
 }
 

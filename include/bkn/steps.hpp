@@ -30,19 +30,60 @@ namespace detail {
 // sum_over_groups: every add of channel c in the order of g, then finish. A CPU backend may run
 // add over a block of channels, group after group, reading each group's row contiguously
 // rather than a column of rows C apart; each sum still runs over g in order: the same bits.
+// A group-sum functor may also have start(c, acc, stride), the sums before the first group
+// (otherwise zero).
 //
 // Functors whose items are large (the dense transition's tiles) expose work_per_item(), about
 // the multiply-adds of one item; their items write disjoint outputs, so a CPU backend may
 // share them among threads (the same bits for any split).
 
+/// Whether group-sum functor F has start(c, acc, stride).
+template <class F, class = void>
+struct has_group_start : std::false_type {};
+template <class F>
+struct has_group_start<F, std::void_t<decltype(std::declval<const F&>().start(
+                              index_t(0), static_cast<double*>(nullptr), index_t(1)))>>
+    : std::true_type {};
+
 /// A group-sum functor's result for channel c, the groups added in order.
 template <class F>
 BKN_HOST_DEVICE inline void sum_over_groups(const F& f, index_t c) {
   double acc[F::sums] = {};
+  if constexpr (has_group_start<F>::value) f.start(c, acc, 1);
   const index_t groups = f.group_count();
   for (index_t g = 0; g < groups; ++g) f.add(g, c, acc, 1);
   f.finish(c, acc, 1);
 }
+
+/// Group-sum functor `F` over one chunk of `groups` groups, its sums going on from the chunks
+/// before it (in `carry`, sums x C; F has no start of its own): every sum still runs over g in
+/// order, the bits of all groups at once, for any chunks. `f` is built for all the groups (its
+/// finish sees their count), its arrays offset to the chunk's first group. Only the `last`
+/// chunk finishes; the others leave their sums in `carry`.
+template <class F, bool last>
+struct chunk_sums_op {
+  F f;
+  double* carry;
+  index_t groups, channels;
+  bool carried_in;
+
+  static constexpr int sums = F::sums;
+  BKN_HOST_DEVICE index_t group_count() const { return groups; }
+  BKN_HOST_DEVICE void start(index_t c, double* acc, index_t stride) const {
+    for (int s = 0; s < sums; ++s) acc[s * stride] = carried_in ? carry[s * channels + c] : 0.0;
+  }
+  BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
+    f.add(g, c, acc, stride);
+  }
+  BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
+    if constexpr (last) {
+      f.finish(c, acc, stride);
+    } else {
+      for (int s = 0; s < sums; ++s) carry[s * channels + c] = acc[s * stride];
+    }
+  }
+  BKN_HOST_DEVICE void operator()(index_t c) const { sum_over_groups(*this, c); }
+};
 
 template <class P>
 struct copy_op {
@@ -836,7 +877,11 @@ gaussian_view<P> groups_of(const gaussian_view<P>& v, index_t g0, index_t n, ind
   return {v.mean.subspan(g0 * C, n * C), v.cov.subspan(g0 * cov, n * cov), n, C};
 }
 
-/// The per-group arrays of diagonal mode (the only mode that runs in chunks).
+/// The per-group arrays of diagonal mode (the only mode that runs in chunks). What a chunk uses
+/// alone (the coefficients, the reductions, the gains) every chunk takes from the start of its
+/// array, so that it stays in cache from one chunk to the next rather than streaming G x C
+/// values through memory; the predicted state's gradients, which the transition's backward
+/// reads after the last chunk, are the chunk's own groups.
 template <class P>
 layer_workspace<P> groups_of(const layer_workspace<P>& w, index_t g0, index_t n, index_t groups,
                              index_t channels) {
@@ -844,11 +889,27 @@ layer_workspace<P> groups_of(const layer_workspace<P>& w, index_t g0, index_t n,
   layer_workspace<P> part = w;
   const index_t first = g0 * channels, count = n * channels;
   for (span<P>* a : {&part.a, &part.b, &part.k, &part.sum_dy, &part.sum_dy_centred, &part.dq,
-                     &part.dmean_predicted, &part.dcov_predicted, &part.dmean, &part.gain,
-                     &part.gain_slope})
+                     &part.dmean, &part.gain, &part.gain_slope})
+    *a = a->subspan(0, count);
+  for (span<P>* a : {&part.dmean_predicted, &part.dcov_predicted})
     *a = a->subspan(first, count);
   part.skip = w.skip.subspan(g0, n);
   return part;
+}
+
+/// Runs group-sum functor `f` (built for all `groups`, its arrays offset to group g0) over
+/// groups [g0, g0 + n): as chunk_sums_op when they are a chunk of them.
+template <class Backend, class F>
+void sum_chunk(const Backend& backend, index_t channels, const F& f, span<double> carry,
+               index_t g0, index_t n, index_t groups) {
+  using K = kernels<Backend>;
+  double* const c = carry.data();
+  if (n == groups)  // all at once
+    K::for_each(backend, channels, f);
+  else if (g0 + n == groups)
+    K::for_each(backend, channels, chunk_sums_op<F, true>{f, c, n, channels, g0 > 0});
+  else
+    K::for_each(backend, channels, chunk_sums_op<F, false>{f, c, n, channels, g0 > 0});
 }
 
 template <class Backend, class P>
