@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <type_traits>
+#include <utility>
 
 #include "bkn/config.hpp"
 #include "bkn/span.hpp"
@@ -15,6 +16,16 @@ BKN_BEGIN_NAMESPACE
 namespace detail {
 template <class>
 inline constexpr bool always_false = false;
+
+/// Whether group-sum functor F (steps.hpp) sets its sums' starting values with
+/// start(c, acc, stride); otherwise they start at zero. sum_over_groups and a backend's own
+/// group-sum loop ask it.
+template <class F, class = void>
+struct has_group_start : std::false_type {};
+template <class F>
+struct has_group_start<F, std::void_t<decltype(std::declval<const F&>().start(
+                              index_t(0), static_cast<double*>(nullptr), index_t(1)))>>
+    : std::true_type {};
 }  // namespace detail
 
 /// Kernels of one backend. Every routine of bkn is written over these passes; a backend

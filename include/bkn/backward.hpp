@@ -902,8 +902,9 @@ void transition_backward(const Backend& backend, covariance mode, const transiti
       reduce(dense_transition_backward_op<P, false>());
     else
       reduce(dense_transition_backward_op<P>());
-  } else if (w.dmean_predicted.data() != dprior.mean.data()) {  // else in place (backward)
+  } else if (w.dmean_predicted.data() != dprior.mean.data()) {
     // Identity or diagonal: per (group, channel), or summed over the groups for a shared prior.
+    // (Where backward pointed the workspace's predicted gradients at dprior, it is written.)
     const auto per_channel = [&](auto scaled, auto variances) {
       constexpr bool s = decltype(scaled)::value, v = decltype(variances)::value;
       if (PG == 1)

@@ -37,14 +37,6 @@ namespace detail {
 // the multiply-adds of one item; their items write disjoint outputs, so a CPU backend may
 // share them among threads (the same bits for any split).
 
-/// Whether group-sum functor F has start(c, acc, stride).
-template <class F, class = void>
-struct has_group_start : std::false_type {};
-template <class F>
-struct has_group_start<F, std::void_t<decltype(std::declval<const F&>().start(
-                              index_t(0), static_cast<double*>(nullptr), index_t(1)))>>
-    : std::true_type {};
-
 /// A group-sum functor's result for channel c, the groups added in order.
 template <class F>
 BKN_HOST_DEVICE inline void sum_over_groups(const F& f, index_t c) {

@@ -108,15 +108,6 @@ struct eigen_has_group_sums<
                        index_t(0), static_cast<const double*>(nullptr), index_t(0)))>>
     : std::true_type {};
 
-/// Whether group-sum functor F sets its sums' starting values, start(c, acc, stride) (steps.hpp;
-/// otherwise they start at zero).
-template <class F, class = void>
-struct eigen_has_group_start : std::false_type {};
-template <class F>
-struct eigen_has_group_start<F, std::void_t<decltype(std::declval<const F&>().start(
-                                    index_t(0), static_cast<double*>(nullptr), index_t(0)))>>
-    : std::true_type {};
-
 // Accumulators of a block of columns of a group-sum functor (sums per column x columns): 16 KiB
 // of doubles, which stay in L1 while the rows stream past (2 KiB of floats per row and array at
 // four sums, 8 KiB at one).
@@ -1810,7 +1801,7 @@ struct kernels<eigen_backend> {
       }
       for (index_t c0 = 0; c0 < count; c0 += block) {
         const index_t n = std::min(block, count - c0);
-        if constexpr (detail::eigen_has_group_start<F>::value) {
+        if constexpr (detail::has_group_start<F>::value) {
           BKN_EIGEN_SIMD_LOOP
           for (index_t j = 0; j < n; ++j) f.start(c0 + j, acc + j, block);
         } else {
