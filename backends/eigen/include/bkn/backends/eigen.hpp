@@ -1653,9 +1653,14 @@ struct kernels<eigen_backend> {
         backend.threads > 1 ? std::max(detail::eigen_chunk_values * backend.threads,
                                        backend.parallel_min_elements)
                             : detail::eigen_chunk_values;
+    if (per_group <= 0 || 2 * per_group > budget) return 0;
     // Rounded up: a chunk for several threads must reach parallel_min_elements, or its passes
-    // would all run on the calling thread.
-    return per_group > 0 && 2 * per_group <= budget ? (budget + per_group - 1) / per_group : 0;
+    // would all run on the calling thread; and to whole groups per thread, or the reductions,
+    // which give each thread whole groups, would keep one thread waiting (3 groups on 2
+    // threads: 2 and 1).
+    const index_t threads = std::max(backend.threads, 1);
+    const index_t chunk = (budget + per_group - 1) / per_group;
+    return (chunk + threads - 1) / threads * threads;
   }
 
   template <class T, class P>
