@@ -6,6 +6,7 @@
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <Kokkos_Core.hpp>
 
@@ -52,6 +53,20 @@ inline constexpr index_t chunk_values = 512;
 // The covariance pass has C work items per value already; bigger chunks keep its scratch, one
 // double per (group, i, j, chunk), small.
 inline constexpr index_t covariance_chunk_values = 2048;
+// Channels one work item of moments or sums reduces on a host execution space when the channels
+// are contiguous (NC, NHWC): independent sums side by side, which the compiler vectorizes,
+// where one channel per item is a chain of dependent double additions. Each channel is still
+// summed alone, in the same order, so the bits are those of one channel per item. Device spaces
+// keep one channel per item: neighbouring threads then read neighbouring channels.
+inline constexpr index_t host_channel_tile = 16;
+
+/// Channels per work item of moments and sums on ExecutionSpace for these views.
+template <class ExecutionSpace, class... Views>
+index_t channel_tile(const Views&... views) {
+  constexpr bool host =
+      std::is_same_v<typename ExecutionSpace::memory_space, Kokkos::HostSpace>;
+  return host && (views.channels_contiguous() && ...) ? host_channel_tile : 1;
+}
 
 /// How a per-(group, channel) reduction over group_size * H * W values is split. The values are
 /// taken as rows r = (n - g * group_size) * H + h of W values each, in the reference backend's
@@ -106,33 +121,65 @@ void launch(const ExecutionSpace& space, const char* label, index_t count, const
 // ---- moments: per (g, c) chunk, a sum and a sum of squares about the chunk's own mean; then
 // per (g, c), Chan's combine of the chunks in chunk order ----
 
+/// Work item `item` of a reduction over `tile` channels per item: its group, chunk and first
+/// channel, and how many channels it has.
+struct reduction_item {
+  index_t g, k, c0, count;
+
+  KOKKOS_INLINE_FUNCTION reduction_item(index_t item, index_t C, index_t chunks, index_t tile) {
+    const index_t tiles = (C + tile - 1) / tile, t = item % tiles;
+    k = (item / tiles) % chunks;
+    g = item / (tiles * chunks);
+    c0 = t * tile;
+    count = C - c0 < tile ? C - c0 : tile;
+  }
+};
+
 template <class T>
 struct moments_chunk_op {
   tensor_view<const T> x;
   chunk_plan plan;
   double* partial;  // [((g * chunks + k) * C + c) * 2 + {0: sum, 1: centred m2}]
+  index_t tile;     // channels per work item (channel_tile)
 
-  KOKKOS_INLINE_FUNCTION void operator()(index_t i) const {
-    const index_t C = x.channels(), c = i % C, k = (i / C) % plan.chunks;
-    const index_t g = i / (C * plan.chunks);
-    const index_t W = plan.width, step = x.strides().width;
-    double sum = 0;
-    for (index_t r = plan.first_row(k); r < plan.end_row(k); ++r) {
-      const T* row = x.data() + plan.row_offset(x, g, c, r);
-      for (index_t w = 0; w < W; ++w) sum += double(row[w * step]);
+  KOKKOS_INLINE_FUNCTION void operator()(index_t item) const {
+    const reduction_item it(item, x.channels(), plan.chunks, tile);
+    if (tile == 1) {
+      channels<1>(it, 1);
+    } else if (it.count == host_channel_tile) {
+      channels<host_channel_tile>(it, host_channel_tile);
+    } else {
+      channels<host_channel_tile>(it, it.count);
+    }
+  }
+
+  /// Channels c0 .. c0 + count (count <= width, a constant when the tile is full), each summed
+  /// alone in the reference's order.
+  template <int width>
+  KOKKOS_INLINE_FUNCTION void channels(const reduction_item& it, index_t count) const {
+    const index_t W = plan.width, step = x.strides().width, cs = x.strides().channel;
+    double sum[width], mean[width], m2[width];
+    for (index_t j = 0; j < count; ++j) sum[j] = 0, m2[j] = 0;
+    for (index_t r = plan.first_row(it.k); r < plan.end_row(it.k); ++r) {
+      const T* row = x.data() + plan.row_offset(x, it.g, it.c0, r);
+      for (index_t w = 0; w < W; ++w)
+        for (index_t j = 0; j < count; ++j) sum[j] += double(row[w * step + j * cs]);
     }
     // Centred before squaring: float32 data around 1e4 keeps its variance.
-    const double mean = sum / double(plan.values(k));
-    double m2 = 0;
-    for (index_t r = plan.first_row(k); r < plan.end_row(k); ++r) {
-      const T* row = x.data() + plan.row_offset(x, g, c, r);
-      for (index_t w = 0; w < W; ++w) {
-        const double d = double(row[w * step]) - mean;
-        m2 += d * d;
-      }
+    for (index_t j = 0; j < count; ++j) mean[j] = sum[j] / double(plan.values(it.k));
+    for (index_t r = plan.first_row(it.k); r < plan.end_row(it.k); ++r) {
+      const T* row = x.data() + plan.row_offset(x, it.g, it.c0, r);
+      for (index_t w = 0; w < W; ++w)
+        for (index_t j = 0; j < count; ++j) {
+          const double d = double(row[w * step + j * cs]) - mean[j];
+          m2[j] += d * d;
+        }
     }
-    partial[2 * i] = sum;
-    partial[2 * i + 1] = m2;
+    const index_t first = (it.g * plan.chunks + it.k) * x.channels() + it.c0;
+    for (index_t j = 0; j < count; ++j) {
+      partial[2 * (first + j)] = sum[j];
+      partial[2 * (first + j) + 1] = m2[j];
+    }
   }
 };
 
@@ -210,24 +257,43 @@ struct sums_chunk_op {
   chunk_plan plan;
   const P* centre;
   double* partial;  // [((g * chunks + k) * C + c) * 2 + {0: sum dy, 1: sum dy (x - centre)}]
+  index_t tile;     // channels per work item (channel_tile)
 
-  KOKKOS_INLINE_FUNCTION void operator()(index_t i) const {
-    const index_t C = x.channels(), c = i % C, k = (i / C) % plan.chunks;
-    const index_t g = i / (C * plan.chunks);
-    const index_t W = plan.width, dy_step = dy.strides().width, x_step = x.strides().width;
-    const double m = double(centre[g * C + c]);
-    double s_dy = 0, s_dyx = 0;
-    for (index_t r = plan.first_row(k); r < plan.end_row(k); ++r) {
-      const T* dy_row = dy.data() + plan.row_offset(dy, g, c, r);
-      const T* x_row = x.data() + plan.row_offset(x, g, c, r);
-      for (index_t w = 0; w < W; ++w) {
-        const double d = double(dy_row[w * dy_step]);
-        s_dy += d;
-        s_dyx += d * (double(x_row[w * x_step]) - m);
-      }
+  KOKKOS_INLINE_FUNCTION void operator()(index_t item) const {
+    const reduction_item it(item, x.channels(), plan.chunks, tile);
+    if (tile == 1) {
+      channels<1>(it, 1);
+    } else if (it.count == host_channel_tile) {
+      channels<host_channel_tile>(it, host_channel_tile);
+    } else {
+      channels<host_channel_tile>(it, it.count);
     }
-    partial[2 * i] = s_dy;
-    partial[2 * i + 1] = s_dyx;
+  }
+
+  /// As moments_chunk_op::channels.
+  template <int width>
+  KOKKOS_INLINE_FUNCTION void channels(const reduction_item& it, index_t count) const {
+    const index_t C = x.channels(), W = plan.width;
+    const index_t dy_step = dy.strides().width, x_step = x.strides().width;
+    const index_t dy_cs = dy.strides().channel, x_cs = x.strides().channel;
+    double m[width], s_dy[width], s_dyx[width];
+    for (index_t j = 0; j < count; ++j)
+      m[j] = double(centre[it.g * C + it.c0 + j]), s_dy[j] = 0, s_dyx[j] = 0;
+    for (index_t r = plan.first_row(it.k); r < plan.end_row(it.k); ++r) {
+      const T* dy_row = dy.data() + plan.row_offset(dy, it.g, it.c0, r);
+      const T* x_row = x.data() + plan.row_offset(x, it.g, it.c0, r);
+      for (index_t w = 0; w < W; ++w)
+        for (index_t j = 0; j < count; ++j) {
+          const double d = double(dy_row[w * dy_step + j * dy_cs]);
+          s_dy[j] += d;
+          s_dyx[j] += d * (double(x_row[w * x_step + j * x_cs]) - m[j]);
+        }
+    }
+    const index_t first = (it.g * plan.chunks + it.k) * C + it.c0;
+    for (index_t j = 0; j < count; ++j) {
+      partial[2 * (first + j)] = s_dy[j];
+      partial[2 * (first + j) + 1] = s_dyx[j];
+    }
   }
 };
 
@@ -254,28 +320,48 @@ struct sums_merge_op {
 
 // ---- elementwise passes ----
 
-/// out = a (u - centre) (+ b v) + k. A work item is one line of `out` along its unit-stride axis: the
-/// channels of a pixel (NHWC, NC) or a row of a plane (NCHW and strided channels-first).
+/// How affine_op cuts `out` into work items, each a run along its unit-stride axis.
+enum class affine_lines {
+  channels,  ///< the channels of a pixel (NHWC, NC)
+  planes,    ///< a whole (n, c) plane, where every view's planes are contiguous (NCHW)
+  rows,      ///< a row of a plane (strided channels-first)
+};
+
+/// out = a (u - centre) (+ b v) + k, a work item per line (affine_lines).
 template <class T, class P>
 struct affine_op {
   tensor_view<T> out;
   tensor_view<const T> u, v;
   const P *a, *centre, *b, *k;  // b null: no v term
   index_t group_size;
-  bool channel_lines;
+  affine_lines lines;
 
   KOKKOS_INLINE_FUNCTION void operator()(index_t i) const {
     const index_t C = out.channels(), H = out.shape().height, W = out.shape().width;
-    if (channel_lines) {  // i = (n * H + h) * W + w
+    if (lines == affine_lines::channels) {  // i = (n * H + h) * W + w
       const index_t w = i % W, h = (i / W) % H, n = i / (W * H);
       const index_t base = (n / group_size) * C;
       for (index_t c = 0; c < C; ++c) element(n, c, h, w, base + c);
+    } else if (lines == affine_lines::planes) {  // i = n * C + c
+      const index_t c = i % C, n = i / C, j = (n / group_size) * C + c;
+      // Planes of a few values (7x7) would otherwise be seven work items of seven values.
+      T* o = out.data() + out.offset(n, c, 0, 0);
+      const T* uu = u.data() + u.offset(n, c, 0, 0);
+      const T* vv = b ? v.data() + v.offset(n, c, 0, 0) : uu;
+      const double aj = double(a[j]), mj = double(centre[j]), kj = double(k[j]);
+      const double bj = b ? double(b[j]) : 0.0;
+      for (index_t s = 0; s < H * W; ++s) {
+        double r = aj * (double(uu[s]) - mj) + kj;  // element's expression
+        if (b) r += bj * double(vv[s]);
+        o[s] = T(r);
+      }
     } else {  // i = (n * C + c) * H + h
       const index_t h = i % H, c = (i / H) % C, n = i / (H * C);
       const index_t j = (n / group_size) * C + c;
       for (index_t w = 0; w < W; ++w) element(n, c, h, w, j);
     }
   }
+
 
   // The reference backend's expression, in double, rounded once. Reads u and v before writing
   // out, so out may be the same view as either.
@@ -341,7 +427,9 @@ struct kernels<kokkos_backend<E, M>> {
     const index_t C = x.channels(), G = x.batch() / group_size;
     const chunk_plan p = plan(x.shape(), group_size);
     double* partial = partials(scratch, 2 * G * C * p.chunks);
-    launch(backend.space, "bkn::moments", G * p.chunks * C, moments_chunk_op<T>{x, p, partial});
+    const index_t tile = channel_tile<E>(x);
+    launch(backend.space, "bkn::moments", G * p.chunks * ((C + tile - 1) / tile),
+           moments_chunk_op<T>{x, p, partial, tile});
     launch(backend.space, "bkn::moments.2", G * C,
            moments_merge_op<P>{p, C, partial, mean.data(), var.data()});
   }
@@ -367,8 +455,9 @@ struct kernels<kokkos_backend<E, M>> {
     const index_t C = x.channels(), G = x.batch() / group_size;
     const chunk_plan p = plan(x.shape(), group_size);
     double* partial = partials(scratch, 2 * G * C * p.chunks);
-    launch(backend.space, "bkn::sums", G * p.chunks * C,
-           sums_chunk_op<T, P>{dy, x, p, centre.data(), partial});
+    const index_t tile = channel_tile<E>(dy, x);
+    launch(backend.space, "bkn::sums", G * p.chunks * ((C + tile - 1) / tile),
+           sums_chunk_op<T, P>{dy, x, p, centre.data(), partial, tile});
     launch(backend.space, "bkn::sums.2", G * C,
            sums_merge_op<P>{p, C, partial, sum_dy.data(), sum_dy_centred.data()});
   }
@@ -379,13 +468,19 @@ struct kernels<kokkos_backend<E, M>> {
                      span<const P> k, index_t group_size) {
     using namespace detail::kokkos_impl;
     const tensor_shape& s = out.shape();
+    const bool has_v = !b.empty();
     // Lines along the axis with unit stride, so a work item streams through memory.
-    const bool channel_lines = out.channels_contiguous() && s.channels > 1;
-    const index_t lines =
-        channel_lines ? s.batch * s.height * s.width : s.batch * s.channels * s.height;
-    launch(backend.space, "bkn::affine", lines,
-           affine_op<T, P>{out, u, v, a.data(), centre.data(), b.empty() ? nullptr : b.data(),
-                           k.data(), group_size, channel_lines});
+    const affine_lines lines =
+        out.channels_contiguous() && s.channels > 1 ? affine_lines::channels
+        : out.planes_contiguous() && u.planes_contiguous() && (!has_v || v.planes_contiguous())
+            ? affine_lines::planes
+            : affine_lines::rows;
+    const index_t count = lines == affine_lines::channels ? s.batch * s.height * s.width
+                          : lines == affine_lines::planes ? s.batch * s.channels
+                                                          : s.batch * s.channels * s.height;
+    launch(backend.space, "bkn::affine", count,
+           affine_op<T, P>{out, u, v, a.data(), centre.data(), has_v ? b.data() : nullptr,
+                           k.data(), group_size, lines});
   }
 
   template <class T, class P>
