@@ -385,6 +385,71 @@ TEST_CASE("kokkos backend: scratch for a group size covers its multiples") {
   CHECK(relative_error(s_dyx, r_dyx) <= 1e-12);
 }
 
+/// The logical values of a view, in (n, c, h, w) order.
+template <class T>
+std::vector<std::remove_const_t<T>> values(const bkn::tensor_view<T>& v) {
+  std::vector<std::remove_const_t<T>> r;
+  const bkn::tensor_shape s = v.shape();
+  for (index_t n = 0; n < s.batch; ++n)
+    for (index_t c = 0; c < s.channels; ++c)
+      for (index_t k = 0; k < s.spatial(); ++k) r.push_back(v.at(n, c, k));
+  return r;
+}
+
+// On host spaces the channels-last reductions take a tile of channels per work item, and affine
+// a whole contiguous plane: each value must still be computed as with one channel (or one row)
+// per item. The same values in NCHW (one channel per item) and strided storage (rows) say what
+// those give.
+TEST_CASE("kokkos backend: tiles of channels and whole planes give the bits of one per item") {
+  using backend = bkn::kokkos_backend<Kokkos::DefaultHostExecutionSpace>;
+  const backend b{};
+  struct tile_case {
+    index_t batch, channels, height, width, group_size;
+  };
+  // Full and partial tiles of 16, one chunk to several, NC and images.
+  const tile_case cases[] = {{600, 37, 1, 1, 600}, {40, 16, 1, 1, 4}, {9, 3, 5, 7, 3},
+                             {4, 21, 11, 13, 2}, {1100, 40, 1, 1, 1100}};
+  for (const tile_case& c : cases) {
+    CAPTURE(c.batch);
+    CAPTURE(c.channels);
+    CAPTURE(c.height);
+    std::mt19937 rng(6);
+    tensor<float> x_last(layout::nhwc, c.batch, c.channels, c.height, c.width);
+    tensor<float> dy_last = x_last, x_first(layout::nchw, c.batch, c.channels, c.height, c.width);
+    dy_last.view = bkn::tensor_view<float>(dy_last.memory.data(), x_last.view.shape(),
+                                           x_last.view.strides());
+    tensor<float> dy_first = x_first;
+    dy_first.view = bkn::tensor_view<float>(dy_first.memory.data(), x_first.view.shape(),
+                                            x_first.view.strides());
+    fill(x_last, rng, 100, 3);
+    fill(dy_last, rng, 0, 1);
+    rng.seed(6);
+    fill(x_first, rng, 100, 3);
+    fill(dy_first, rng, 0, 1);
+    REQUIRE(values(x_last.view) == values(x_first.view));
+    const auto tiles = reduce<backend, float, double>(b, x_last, dy_last, c.group_size);
+    const auto one = reduce<backend, float, double>(b, x_first, dy_first, c.group_size);
+    CHECK(same_bits(tiles.mean, one.mean));
+    CHECK(same_bits(tiles.var, one.var));
+    CHECK(same_bits(tiles.sum_dy, one.sum_dy));
+    CHECK(same_bits(tiles.sum_dy_centred, one.sum_dy_centred));
+  }
+  for (const layout in_layout : {layout::nchw, layout::strided}) {
+    CAPTURE(name(in_layout));
+    // In double: a float output would round most differences of the double expression away.
+    const auto planes = run_elementwise<backend, double, double>(b, layout::nchw, in_layout);
+    const auto rows = run_elementwise<backend, double, double>(b, layout::strided, in_layout);
+    const auto logical = [](const std::vector<double>& memory, layout l) {
+      tensor<double> t(l, 6, 5, 4, 7);  // run_elementwise's shape
+      t.memory = memory;
+      return values(bkn::tensor_view<const double>(t.memory.data(), t.view.shape(),
+                                                   t.view.strides()));
+    };
+    CHECK(logical(planes.affine, layout::nchw) == logical(rows.affine, layout::strided));
+    CHECK(logical(planes.affine_uv, layout::nchw) == logical(rows.affine_uv, layout::strided));
+  }
+}
+
 // The per-pass view of thread-count independence, on shapes with many chunks per reduction
 // (the layer sweep has at most four).
 TEST_CASE("kokkos backend: every pass on OpenMP gives the bits of Serial") {
