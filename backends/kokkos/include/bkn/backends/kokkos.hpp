@@ -135,6 +135,25 @@ struct reduction_item {
   }
 };
 
+/// Work items of a reduction over `groups` groups in `chunks` chunks, `tile` channels each.
+inline index_t reduction_items(index_t groups, index_t chunks, index_t C, index_t tile) {
+  return groups * chunks * ((C + tile - 1) / tile);
+}
+
+/// Work item `item` of reduction `op`: op.channels<width>(it, count), width 1 for one channel
+/// per item, else the host tile, whose trip count is a constant when the tile is full.
+template <class Op>
+KOKKOS_INLINE_FUNCTION void reduce_item(const Op& op, index_t item, index_t C, index_t chunks,
+                                        index_t tile) {
+  const reduction_item it(item, C, chunks, tile);
+  if (tile == 1)
+    op.template channels<1>(it, 1);
+  else if (it.count == host_channel_tile)
+    op.template channels<host_channel_tile>(it, host_channel_tile);
+  else
+    op.template channels<host_channel_tile>(it, it.count);
+}
+
 template <class T>
 struct moments_chunk_op {
   tensor_view<const T> x;
@@ -143,14 +162,7 @@ struct moments_chunk_op {
   index_t tile;     // channels per work item (channel_tile)
 
   KOKKOS_INLINE_FUNCTION void operator()(index_t item) const {
-    const reduction_item it(item, x.channels(), plan.chunks, tile);
-    if (tile == 1) {
-      channels<1>(it, 1);
-    } else if (it.count == host_channel_tile) {
-      channels<host_channel_tile>(it, host_channel_tile);
-    } else {
-      channels<host_channel_tile>(it, it.count);
-    }
+    reduce_item(*this, item, x.channels(), plan.chunks, tile);
   }
 
   /// Channels c0 .. c0 + count (count <= width, a constant when the tile is full), each summed
@@ -260,14 +272,7 @@ struct sums_chunk_op {
   index_t tile;     // channels per work item (channel_tile)
 
   KOKKOS_INLINE_FUNCTION void operator()(index_t item) const {
-    const reduction_item it(item, x.channels(), plan.chunks, tile);
-    if (tile == 1) {
-      channels<1>(it, 1);
-    } else if (it.count == host_channel_tile) {
-      channels<host_channel_tile>(it, host_channel_tile);
-    } else {
-      channels<host_channel_tile>(it, it.count);
-    }
+    reduce_item(*this, item, x.channels(), plan.chunks, tile);
   }
 
   /// As moments_chunk_op::channels.
@@ -362,7 +367,6 @@ struct affine_op {
     }
   }
 
-
   // The reference backend's expression, in double, rounded once. Reads u and v before writing
   // out, so out may be the same view as either.
   KOKKOS_INLINE_FUNCTION void element(index_t n, index_t c, index_t h, index_t w, index_t j) const {
@@ -428,7 +432,7 @@ struct kernels<kokkos_backend<E, M>> {
     const chunk_plan p = plan(x.shape(), group_size);
     double* partial = partials(scratch, 2 * G * C * p.chunks);
     const index_t tile = channel_tile<E>(x);
-    launch(backend.space, "bkn::moments", G * p.chunks * ((C + tile - 1) / tile),
+    launch(backend.space, "bkn::moments", reduction_items(G, p.chunks, C, tile),
            moments_chunk_op<T>{x, p, partial, tile});
     launch(backend.space, "bkn::moments.2", G * C,
            moments_merge_op<P>{p, C, partial, mean.data(), var.data()});
@@ -456,7 +460,7 @@ struct kernels<kokkos_backend<E, M>> {
     const chunk_plan p = plan(x.shape(), group_size);
     double* partial = partials(scratch, 2 * G * C * p.chunks);
     const index_t tile = channel_tile<E>(dy, x);
-    launch(backend.space, "bkn::sums", G * p.chunks * ((C + tile - 1) / tile),
+    launch(backend.space, "bkn::sums", reduction_items(G, p.chunks, C, tile),
            sums_chunk_op<T, P>{dy, x, p, centre.data(), partial, tile});
     launch(backend.space, "bkn::sums.2", G * C,
            sums_merge_op<P>{p, C, partial, sum_dy.data(), sum_dy_centred.data()});
