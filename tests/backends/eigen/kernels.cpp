@@ -520,6 +520,68 @@ TEST_CASE_TEMPLATE("float32 data far from zero: 1e4 + N(0, 1) over 65536 values"
   }
 }
 
+TEST_CASE_TEMPLATE("a block's shift far from its mean: the squares summed again about the mean",
+                   P, float, double) {
+  // moments sums a block once, about a shift: the mean of the unit's first rows (or first
+  // sample's plane), then the unit's mean so far. Here the first samples of some channels lie
+  // 1000 standard deviations off, so a shift is tens of the block's deviations from its mean
+  // and squares - sum^2 / n would lose about ten bits: those channels must be summed again.
+  // Shapes: rows of 1x1 pixels (the first 8 samples off) and 2x2 planes (the first sample off;
+  // NCHW blocks of 1024 samples); three channels all off (the whole block again) and 16 with
+  // one off (that channel alone).
+  struct shape_case {
+    bkn::tensor_shape shape;
+    index_t off_samples;
+  };
+  for (const shape_case& sc : {shape_case{{4096, 3, 1, 1}, 8}, shape_case{{4096, 16, 1, 1}, 8},
+                               shape_case{{1024, 3, 2, 2}, 1}, shape_case{{1024, 16, 2, 2}, 1}}) {
+    const bkn::tensor_shape& s = sc.shape;
+    const index_t C = s.channels, S = s.spatial();
+    const auto off = [&](index_t c) { return C == 3 || c == 5; };
+    std::mt19937_64 rng(11);
+    std::normal_distribution<double> normal;
+    std::vector<float> values(static_cast<std::size_t>(s.elements()));
+    for (index_t n = 0; n < s.batch; ++n)
+      for (index_t c = 0; c < C; ++c)
+        for (index_t p = 0; p < S; ++p)
+          values[logical_index(s, n, c, p)] =
+              float(1e4 + normal(rng) + (off(c) && n < sc.off_samples ? 1000.0 : 0.0));
+    std::vector<double> want_mean(C), want_var(C);  // two passes in double
+    for (index_t c = 0; c < C; ++c) {
+      double sum = 0, squares = 0;
+      for (index_t n = 0; n < s.batch; ++n)
+        for (index_t p = 0; p < S; ++p) sum += values[logical_index(s, n, c, p)];
+      want_mean[c] = sum / double(s.batch * S);
+      for (index_t n = 0; n < s.batch; ++n)
+        for (index_t p = 0; p < S; ++p) {
+          const double d = values[logical_index(s, n, c, p)] - want_mean[c];
+          squares += d * d;
+        }
+      want_var[c] = squares / double(s.batch * S);
+    }
+    for (layout l : all_layouts) {
+      if (!applies(l, s)) continue;
+      for (int threads : {1, 2}) {
+        const bkn::eigen_backend backend{threads, 1};
+        const stored_tensor<float> x(l, s, values);
+        scratch_buffer scratch(eigen::scratch_bytes(backend, s, s.batch, bkn::covariance::diagonal));
+        std::vector<P> mean = poisoned<P>(C), var = poisoned<P>(C);
+        eigen::moments<float, P>(backend, x.in(), s.batch, mean, var, scratch.fresh());
+        for (index_t c = 0; c < C; ++c) {
+          const double var_err = std::abs(double(var[c]) / want_var[c] - 1);
+          CHECK_MESSAGE(std::abs(double(mean[c]) / want_mean[c] - 1) <= 1e-6, std::string(name(l)), " ",
+                        s.batch, "x", C, "x", S, " threads=", threads, " channel ", c);
+          // Summed again, every channel keeps the float rounding of blocks of up to 4096
+          // values (6e-6 here, as before the one-pass sums); without, the far channels err by
+          // 1e-4 to 1e-3.
+          CHECK_MESSAGE(var_err <= 2e-5, std::string(name(l)), " ", s.batch, "x", C, "x", S,
+                        " threads=", threads, " channel ", c, ": var relative error ", var_err);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<float, float>,
                    types<float, double>, types<double, float>, types<double, double>) {
   using T = typename Types::T;
@@ -668,7 +730,7 @@ TEST_CASE("for_each shares large items among threads, each index once") {
 TEST_CASE_TEMPLATE("short planes read side by side sum each plane as alone, bit for bit", T, float,
                    double) {
   // moments and sums read planes of under four packets eigen_side_planes at a time
-  // (eigen_sums_about, eigen_sums_products); every plane's sums must keep the order, and so the
+  // (eigen_sums_about, eigen_moments_about, eigen_sums_products); every plane's sums must keep the order, and so the
   // bits, of the one-plane reductions, at every length around the packet boundaries.
   namespace d = bkn::detail;
   constexpr int side = d::eigen_side_planes;
@@ -683,12 +745,15 @@ TEST_CASE_TEMPLATE("short planes read side by side sum each plane as alone, bit 
     for (auto& v : x) v = T(3 + z(gen));
     for (auto& v : dy) v = T(z(gen));
     T shift[side], sums[side], squares[side], sum_dy[side], sum_dyc[side];
+    T both_sums[side], both_squares[side];
     for (int j = 0; j < side; ++j) {
       shift[j] = T(3 + 0.1 * j);
       sums[j] = squares[j] = sum_dy[j] = sum_dyc[j] = T(0.5);  // added to, not overwritten
+      both_sums[j] = both_squares[j] = T(0.5);
     }
     d::eigen_sums_about<false, side>(x.data(), stride, n, shift, sums);
     d::eigen_sums_about<true, side>(x.data(), stride, n, shift, squares);
+    d::eigen_moments_about<side>(x.data(), stride, n, shift, both_sums, both_squares);
     d::eigen_sums_products<side>(dy.data(), stride, x.data(), stride, n, shift, sum_dy, sum_dyc);
     for (int j = 0; j < side; ++j) {
       const T* xj = x.data() + j * stride;
@@ -697,6 +762,9 @@ TEST_CASE_TEMPLATE("short planes read side by side sum each plane as alone, bit 
       d::eigen_sum_products(dj, xj, n, shift[j], alone_dy, alone_dyc);
       CHECK(sums[j] == T(0.5) + d::eigen_sum_about<false>(xj, n, shift[j]));
       CHECK(squares[j] == T(0.5) + d::eigen_sum_about<true>(xj, n, shift[j]));
+      // The one-pass sums of moments: each the bits of its own reduction.
+      CHECK(both_sums[j] == sums[j]);
+      CHECK(both_squares[j] == squares[j]);
       CHECK(sum_dy[j] == alone_dy);
       CHECK(sum_dyc[j] == alone_dyc);
       // And the one-plane reduction itself against a long double sum.

@@ -51,7 +51,7 @@ namespace detail {
 inline constexpr index_t eigen_chunk_values = index_t(1) << 16;
 // Statistics are summed in the element type over blocks of at most this many values per
 // channel, then merged in double. Float rounding then grows with sqrt(block), not with the
-// tensor, and a block stays in L1 between its two passes.
+// tensor, and a long plane's block stays in L1 between its two passes.
 inline constexpr index_t eigen_block_values = 4096;
 // Values of one Gram product in `covariance`. Eigen packs each operand into a buffer of at most
 // this many doubles; under EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) it lives on the stack.
@@ -186,8 +186,8 @@ struct eigen_moments_slot {
   double* m2;          // per channel, its sum of squared deviations
   double* block_mean;  // per channel, the block's mean
   double* block_m2;    // per channel, the block's sum of squared deviations
-  T* sum;              // per channel, the block's sum about its first row
-  T* centre;           // the block's mean rounded to T
+  T* sum;              // per channel, the block's sum about `centre`
+  T* centre;           // the block's shift, near its mean
   T* squares;          // the block's sum of squares about `centre`
 
   static eigen_moments_slot carve(eigen_carver& c, index_t channels) {
@@ -444,6 +444,55 @@ EIGEN_ALWAYS_INLINE T eigen_sum_about(const T* x, index_t n, T shift) {
   return sum;
 }
 
+/// For each of `planes` planes j of n values, plane j at x + j * stride:
+/// sum[j] += sum (x_j[i] - shift[j]) and squares[j] += sum (x_j[i] - shift[j])^2, in one pass;
+/// like eigen_sums_about, each plane summed in the same order whatever `planes` is.
+template <int planes, class T>
+EIGEN_ALWAYS_INLINE void eigen_moments_about(const T* x, index_t stride, index_t n,
+                                             const T* shift, T* sum, T* squares) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  packet s[planes], a0[planes], a1[planes], a2[planes], a3[planes];
+  packet q0[planes], q1[planes], q2[planes], q3[planes];
+  eigen_unrolled<planes>([&](auto j) {
+    s[j] = pset1<packet>(shift[j]);
+    a0[j] = pset1<packet>(T(0));
+    a1[j] = a0[j], a2[j] = a0[j], a3[j] = a0[j];
+    q0[j] = a0[j], q1[j] = a0[j], q2[j] = a0[j], q3[j] = a0[j];
+  });
+  const auto add = [&](packet& acc, packet& sq, index_t j, index_t i, const packet& shift_j) {
+    const packet d = psub(ploadu<packet>(x + j * stride + i), shift_j);
+    acc = padd(acc, d);
+    sq = pmadd(d, d, sq);
+  };
+  index_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L)
+    eigen_unrolled<planes>([&](auto j) {
+      add(a0[j], q0[j], j, i, s[j]);
+      add(a1[j], q1[j], j, i + L, s[j]);
+      add(a2[j], q2[j], j, i + 2 * L, s[j]);
+      add(a3[j], q3[j], j, i + 3 * L, s[j]);
+    });
+  for (; i + L <= n; i += L)
+    eigen_unrolled<planes>([&](auto j) { add(a0[j], q0[j], j, i, s[j]); });
+  T total[planes], total_squares[planes];
+  eigen_unrolled<planes>([&](auto j) {
+    total[j] = predux(padd(padd(a0[j], a1[j]), padd(a2[j], a3[j])));
+    total_squares[j] = predux(padd(padd(q0[j], q1[j]), padd(q2[j], q3[j])));
+  });
+  for (; i < n; ++i)
+    eigen_unrolled<planes>([&](auto j) {
+      const T d = x[j * stride + i] - shift[j];
+      total[j] += d;
+      total_squares[j] += d * d;
+    });
+  eigen_unrolled<planes>([&](auto j) {
+    sum[j] += total[j];
+    squares[j] += total_squares[j];
+  });
+}
+
 /// For each of `planes` planes j (dy's at dy + j * dy_stride, x's at x + j * x_stride):
 /// sum_dy[j] += sum dy_j[i] and sum_dy_centred[j] += sum dy_j[i] (x_j[i] - centre[j]), each
 /// plane in the same order whatever `planes` is.
@@ -674,6 +723,91 @@ void eigen_column_products(const T* dy, index_t dy_row, index_t dy_channel, cons
   }
 }
 
+/// Per channel c < C of `rows` rows (row r at x + r * row_stride, channel c at + c *
+/// channel_stride): sum[c] = sum_r (x[r][c] - shift[c]) and squares[c] = sum_r (x[r][c] -
+/// shift[c])^2, in one pass over the rows (the layout of eigen_column_products).
+template <class T>
+void eigen_column_moments(const T* x, index_t rows, index_t C, index_t row_stride,
+                          index_t channel_stride, const T* shift, T* sum, T* squares) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  index_t c = 0;
+  if (channel_stride == 1 && C > eigen_register_tile * L) {
+    // Wide rows: eigen_row_group rows side by side, the sums accumulating in place (L1).
+    std::fill(sum, sum + C, T(0));
+    std::fill(squares, squares + C, T(0));
+    constexpr index_t R = eigen_row_group;
+    for (index_t r0 = 0; r0 < rows; r0 += R) {
+      const index_t n = std::min(R, rows - r0);
+      const T* xr = x + r0 * row_stride;
+      index_t j = 0;
+      const auto rows_of = [&](index_t count) {
+        const packet sh = ploadu<packet>(shift + j);
+        packet s = ploadu<packet>(sum + j), q = ploadu<packet>(squares + j);
+        for (index_t r = 0; r < count; ++r) {
+          const packet d = psub(ploadu<packet>(xr + r * row_stride + j), sh);
+          s = padd(s, d);
+          q = pmadd(d, d, q);
+        }
+        pstoreu(sum + j, s);
+        pstoreu(squares + j, q);
+      };
+      for (; j + L <= C; j += L) {
+        if (n == R)
+          rows_of(R);
+        else
+          rows_of(n);
+      }
+      for (; j < C; ++j)
+        for (index_t r = 0; r < n; ++r) {
+          const T d = xr[r * row_stride + j] - shift[j];
+          sum[j] += d;
+          squares[j] += d * d;
+        }
+    }
+    return;
+  }
+  if (channel_stride == 1) {
+    // Tiles of four packets, then two, then one: every accumulator in a register over all rows.
+    const auto tile = [&](auto packets) {
+      constexpr index_t n = decltype(packets)::value;
+      packet sh[n], s[n], q[n];
+      for (index_t t = 0; t < n; ++t) {
+        sh[t] = ploadu<packet>(shift + c + t * L);
+        s[t] = pset1<packet>(T(0));
+        q[t] = s[t];
+      }
+      for (index_t r = 0; r < rows; ++r) {
+        const T* at = x + r * row_stride + c;
+        for (index_t t = 0; t < n; ++t) {
+          const packet d = psub(ploadu<packet>(at + t * L), sh[t]);
+          s[t] = padd(s[t], d);
+          q[t] = pmadd(d, d, q[t]);
+        }
+      }
+      for (index_t t = 0; t < n; ++t) {
+        pstoreu(sum + c + t * L, s[t]);
+        pstoreu(squares + c + t * L, q[t]);
+      }
+      c += n * L;
+    };
+    while (c + 4 * L <= C) tile(std::integral_constant<index_t, 4>());
+    while (c + 2 * L <= C) tile(std::integral_constant<index_t, 2>());
+    while (c + L <= C) tile(std::integral_constant<index_t, 1>());
+  }
+  for (; c < C; ++c) {
+    T s = 0, q = 0;
+    for (index_t r = 0; r < rows; ++r) {
+      const T d = x[r * row_stride + c * channel_stride] - shift[c];
+      s += d;
+      q += d * d;
+    }
+    sum[c] = s;
+    squares[c] = q;
+  }
+}
+
 /// Chan's combine, channel by channel, of a block of n values per channel (means block_mean,
 /// sums of squared deviations block_m2) into a unit's state of `count` values per channel:
 /// welford::combine's arithmetic, as vectors.
@@ -696,6 +830,42 @@ inline void eigen_combine(double& count, double* mean, double* m2, double n,
   count = total;
 }
 
+/// Rows of a unit's first block whose mean is the shift of the block's one-pass sums: the
+/// shift then lies within sqrt(rows / eigen_pilot_rows) standard deviations of the block's
+/// mean whatever the data (the pilot rows' own deviations count in the variance).
+inline constexpr index_t eigen_pilot_rows = 8;
+/// Whether a block's one-pass sums about a shift, sum = n (mean - shift) and squares, lost
+/// more than one bit to the cancellation squares - sum^2 / n (its rounding error then exceeds
+/// twice that of squares about the mean): such channels are summed again about their mean.
+template <class T>
+inline bool eigen_cancels(T sum, T squares, double count) noexcept {
+  return double(sum) * double(sum) > 0.5 * count * double(squares);
+}
+/// A block's sum of squared deviations from squares about `centre` (T), exactly corrected for
+/// the gap to its mean: sum (x - c)^2 = sum (x - mean)^2 + n (c - mean)^2.
+template <class T>
+inline double eigen_m2_about(T squares, T centre, double mean, double count) noexcept {
+  const double gap = double(centre) - mean;
+  const double m2 = double(squares) - count * gap * gap;
+  return m2 > 0 ? m2 : 0.0;
+}
+/// Per channel, a block's mean and sum of squared deviations from its one-pass sums about
+/// `shift`; returns how many channels eigen_cancels.
+template <class T>
+index_t eigen_block_moments(const T* shift, const T* sum, const T* squares, double count,
+                            double* mean, double* m2, index_t C) {
+  index_t cancelled = 0;
+  for (index_t c = 0; c < C; ++c) {
+    const double s = double(sum[c]), q = double(squares[c]), offset = s * s / count;
+    mean[c] = double(shift[c]) + s / count;
+    m2[c] = q - offset > 0 ? q - offset : 0.0;
+    cancelled += eigen_cancels(sum[c], squares[c], count);
+  }
+  return cancelled;
+}
+/// More than one channel in this many cancelled: the whole block is summed again.
+inline constexpr index_t eigen_cancelled_pass = 8;
+
 /// The statistics of a block of values of one channel, given as segments: `segments(f)` calls
 /// f(pointer, length) for each contiguous run, the same runs each time. The sum is taken about
 /// the first value, so float partial sums stay near the spread of the data rather than its
@@ -713,18 +883,16 @@ welford<double> eigen_block_statistics(const Segments& segments) {
   });
   const double mean = double(first) + double(sum) / double(n);
   const T centre = T(mean);
-  const double gap = double(centre) - mean;
   T squares = T(0);
   segments([&](const T* x, index_t length) { squares += eigen_sum_about<true>(x, length, centre); });
-  const double m2 = double(squares) - double(n) * gap * gap;
-  return welford<double>{double(n), mean, m2 > 0 ? m2 : 0.0};
+  return welford<double>{double(n), mean, eigen_m2_about(squares, centre, mean, double(n))};
 }
 
-/// Rows per block of the channels-last statistics: about eigen_rows_block_values values (the
-/// block's second pass reads it from L2; its per-channel merge, in double, is paid once per
-/// block), 32 to eigen_block_values rows (float sums of at most that many values per channel).
-/// At 16 rows of 4096 channels the merges took 30% of moments (perf); larger blocks of narrow
-/// rows were slower (NHWC 32x64x56x56).
+/// Rows per block of the channels-last statistics: about eigen_rows_block_values values (a
+/// block's per-channel merge, in double, is paid once per block), 32 to eigen_block_values rows
+/// (float sums of at most that many values per channel). At 16 rows of 4096 channels the
+/// merges took 30% of moments (perf); larger blocks of narrow rows were slower when each block
+/// was read twice (NHWC 32x64x56x56).
 inline constexpr index_t eigen_rows_block_values = index_t(1) << 16;
 inline index_t eigen_rows_block(index_t channels) noexcept {
   return std::clamp<index_t>(eigen_rows_block_values / std::max<index_t>(channels, 1), 32,
@@ -776,7 +944,7 @@ void eigen_moments_planes(tensor_view<const T> x, index_t group_size, span<P> me
 inline constexpr index_t eigen_short_planes = eigen_block_values;
 
 /// moments on short planes: a unit is a group (or a chunk of one), read in blocks of whole
-/// samples; within a block each channel is summed as in eigen_block_statistics.
+/// samples, each block once (eigen_moments_about) about a shift near each channel's mean.
 template <class T, class P>
 void eigen_moments_samples(tensor_view<const T> x, index_t group_size, span<P> mean,
                            span<P> var, span<std::byte> scratch, int team) {
@@ -803,35 +971,46 @@ void eigen_moments_samples(tensor_view<const T> x, index_t group_size, span<P> m
       const index_t end = g * group_size + group_size * (j + 1) / chunks;
       for (index_t n0 = g * group_size + group_size * j / chunks; n0 < end; n0 += per_block) {
         const index_t n1 = std::min(n0 + per_block, end);
+        // One pass about a shift close to each channel's mean: the unit's mean so far or, in
+        // its first block, the mean of a packet at the start of the block's first plane.
+        const bool pilot = state.count[0] == 0;
         for (index_t c = 0; c < C; ++c) {
-          work.centre[c] = plane(n0, c)[0];  // the shift of the block's sums
+          work.centre[c] = pilot ? plane(n0, c)[0] : T(state.mean[c]);
           work.sum[c] = T(0);
           work.squares[c] = T(0);
         }
-        const auto pass = [&](auto squares, T* out) {
-          constexpr bool sq = decltype(squares)::value;
-          constexpr int side = eigen_side_planes;
-          for (index_t n = n0; n < n1; ++n) {
-            index_t c = 0;
-            if (eigen_short_plane<T>(S))
-              for (; c + side <= C; c += side)
-                eigen_sums_about<sq, side>(plane(n, c), x.strides().channel, S,
-                                           work.centre + c, out + c);
-            for (; c < C; ++c) out[c] += eigen_sum_about<sq>(plane(n, c), S, work.centre[c]);
+        const index_t cs = x.strides().channel;
+        const auto planes_from = [&](index_t n, index_t c, auto planes) {
+          constexpr int k = decltype(planes)::value;
+          if (pilot && n == n0) {
+            T first[k] = {};
+            const index_t m = std::min(S, eigen_lanes<T>);
+            eigen_sums_about<false, k>(plane(n, c), cs, m, work.centre + c, first);
+            for (int j = 0; j < k; ++j)
+              work.centre[c + j] = T(double(work.centre[c + j]) + double(first[j]) / double(m));
           }
+          eigen_moments_about<k>(plane(n, c), cs, S, work.centre + c, work.sum + c,
+                                 work.squares + c);
         };
-        pass(std::false_type(), work.sum);
+        for (index_t n = n0; n < n1; ++n) {
+          constexpr int side = eigen_side_planes;
+          index_t c = 0;
+          if (eigen_short_plane<T>(S))
+            for (; c + side <= C; c += side)
+              planes_from(n, c, std::integral_constant<int, side>());
+          for (; c < C; ++c) planes_from(n, c, std::integral_constant<int, 1>());
+        }
         const double count = double((n1 - n0) * S);
-        for (index_t c = 0; c < C; ++c) {
-          work.block_mean[c] = double(work.centre[c]) + double(work.sum[c]) / count;
-          work.centre[c] = T(work.block_mean[c]);
-        }
-        pass(std::true_type(), work.squares);
-        for (index_t c = 0; c < C; ++c) {
-          const double gap = double(work.centre[c]) - work.block_mean[c];
-          const double m2 = double(work.squares[c]) - count * gap * gap;
-          work.block_m2[c] = m2 > 0 ? m2 : 0.0;
-        }
+        if (eigen_block_moments(work.centre, work.sum, work.squares, count, work.block_mean,
+                                work.block_m2, C) > 0)
+          for (index_t c = 0; c < C; ++c) {
+            if (!eigen_cancels(work.sum[c], work.squares[c], count)) continue;
+            // The shift lay far from the mean: the channel's squares again, about its mean.
+            const T centre = T(work.block_mean[c]);
+            T squares = T(0);
+            for (index_t n = n0; n < n1; ++n) squares += eigen_sum_about<true>(plane(n, c), S, centre);
+            work.block_m2[c] = eigen_m2_about(squares, centre, work.block_mean[c], count);
+          }
         eigen_combine(state.count[0], state.mean, state.m2, count, work.block_mean,
                       work.block_m2, C);
       }
@@ -966,25 +1145,43 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
           [&](index_t p, index_t n) {
             const T* first = px.at(p);
             const index_t cs = px.channel_stride, ps = px.pixel_stride;
-            // The block's sum about its first row (gathered: the shift must be contiguous),
-            // then its squares about its rounded mean.
-            for (index_t c = 0; c < C; ++c) work.centre[c] = first[c * cs];
-            eigen_column_sums<false>(first, n, C, ps, cs, work.centre, work.sum);
             const double count = double(n);
-            for (index_t c = 0; c < C; ++c) {
-              work.block_mean[c] = double(work.centre[c]) + double(work.sum[c]) / count;
-              work.centre[c] = T(work.block_mean[c]);
+            // One pass: the block's sum and squares about a shift close to its mean, the
+            // unit's mean so far or, for its first block, the mean of the block's first rows.
+            if (state.count[0] == 0) {
+              const index_t m = std::min(n, eigen_pilot_rows);
+              for (index_t c = 0; c < C; ++c) work.centre[c] = first[c * cs];
+              eigen_column_sums<false>(first, m, C, ps, cs, work.centre, work.sum);
+              for (index_t c = 0; c < C; ++c)
+                work.centre[c] = T(double(work.centre[c]) + double(work.sum[c]) / double(m));
+            } else {
+              for (index_t c = 0; c < C; ++c) work.centre[c] = T(state.mean[c]);
             }
-            eigen_column_sums<true>(first, n, C, ps, cs, work.centre, work.squares);
-            // A group of one block goes straight to the output (what combining it into an empty
-            // state and storing that gives).
-            const bool alone = chunks == 1 && n == pixels;
+            eigen_column_moments(first, n, C, ps, cs, work.centre, work.sum, work.squares);
+            const index_t cancelled = eigen_block_moments(
+                work.centre, work.sum, work.squares, count, work.block_mean, work.block_m2, C);
+            if (cancelled * eigen_cancelled_pass > C) {
+              // Many shifts lay far from their means: every channel's squares again, about its
+              // mean (a second pass over the block).
+              for (index_t c = 0; c < C; ++c) work.centre[c] = T(work.block_mean[c]);
+              eigen_column_sums<true>(first, n, C, ps, cs, work.centre, work.squares);
+              for (index_t c = 0; c < C; ++c)
+                work.block_m2[c] =
+                    eigen_m2_about(work.squares[c], work.centre[c], work.block_mean[c], count);
+            } else if (cancelled > 0) {
+              for (index_t c = 0; c < C; ++c) {
+                if (!eigen_cancels(work.sum[c], work.squares[c], count)) continue;
+                const T centre = T(work.block_mean[c]);
+                T squares = T(0);
+                for (index_t r = 0; r < n; ++r) {
+                  const T d = first[r * ps + c * cs] - centre;
+                  squares += d * d;
+                }
+                work.block_m2[c] = eigen_m2_about(squares, centre, work.block_mean[c], count);
+              }
+            }
             double* m2 = work.block_m2;
-            for (index_t c = 0; c < C; ++c) {
-              const double gap = double(work.centre[c]) - work.block_mean[c];
-              const double d = double(work.squares[c]) - count * gap * gap;
-              m2[c] = d > 0 ? d : 0.0;
-            }
+            const bool alone = chunks == 1 && n == pixels;
             if (alone) {
               P* m = mean.data() + g * C;
               P* v = var.data() + g * C;
