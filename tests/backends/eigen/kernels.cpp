@@ -522,19 +522,21 @@ TEST_CASE_TEMPLATE("float32 data far from zero: 1e4 + N(0, 1) over 65536 values"
 
 TEST_CASE_TEMPLATE("a block's shift far from its mean: the squares summed again about the mean",
                    P, float, double) {
-  // moments sums a block once, about a shift: the mean of the unit's first rows (or first
-  // sample's plane), then the unit's mean so far. Here the first samples of some channels lie
-  // 1000 standard deviations off, so a shift is tens of the block's deviations from its mean
-  // and squares - sum^2 / n would lose about ten bits: those channels must be summed again.
-  // Shapes: rows of 1x1 pixels (the first 8 samples off) and 2x2 planes (the first sample off;
-  // NCHW blocks of 1024 samples); three channels all off (the whole block again) and 16 with
-  // one off (that channel alone).
+  // moments sums a block once, about a shift: the mean of the unit's first rows (or of the
+  // start of its first plane), then the unit's mean so far. Here the first pixels of some
+  // channels lie 1000 standard deviations off, so a shift is tens of the block's deviations
+  // from its mean and squares - sum^2 / n would lose about eight bits: those channels must be
+  // summed again. Shapes: rows of 1x1 pixels (the first 8 off), 2x2 planes (the first 4 off;
+  // NCHW: one block of 1024 samples, summed twice as the first block of short planes is) and
+  // 8x8 planes (the first 16 off; NCHW: two blocks of 64 samples); three channels all off (the
+  // whole block again) and 16 with one off (that channel alone).
   struct shape_case {
     bkn::tensor_shape shape;
-    index_t off_samples;
+    index_t off_pixels;  // the first pixels, sample by sample
   };
   for (const shape_case& sc : {shape_case{{4096, 3, 1, 1}, 8}, shape_case{{4096, 16, 1, 1}, 8},
-                               shape_case{{1024, 3, 2, 2}, 1}, shape_case{{1024, 16, 2, 2}, 1}}) {
+                               shape_case{{1024, 3, 2, 2}, 4}, shape_case{{1024, 16, 2, 2}, 4},
+                               shape_case{{128, 3, 8, 8}, 16}, shape_case{{128, 16, 8, 8}, 16}}) {
     const bkn::tensor_shape& s = sc.shape;
     const index_t C = s.channels, S = s.spatial();
     const auto off = [&](index_t c) { return C == 3 || c == 5; };
@@ -545,7 +547,7 @@ TEST_CASE_TEMPLATE("a block's shift far from its mean: the squares summed again 
       for (index_t c = 0; c < C; ++c)
         for (index_t p = 0; p < S; ++p)
           values[logical_index(s, n, c, p)] =
-              float(1e4 + normal(rng) + (off(c) && n < sc.off_samples ? 1000.0 : 0.0));
+              float(1e4 + normal(rng) + (off(c) && n * S + p < sc.off_pixels ? 1000.0 : 0.0));
     std::vector<double> want_mean(C), want_var(C);  // two passes in double
     for (index_t c = 0; c < C; ++c) {
       double sum = 0, squares = 0;
@@ -573,7 +575,7 @@ TEST_CASE_TEMPLATE("a block's shift far from its mean: the squares summed again 
                         s.batch, "x", C, "x", S, " threads=", threads, " channel ", c);
           // Summed again, every channel keeps the float rounding of blocks of up to 4096
           // values (6e-6 here, as before the one-pass sums); without, the far channels err by
-          // 1e-4 to 1e-3.
+          // 5e-5 to 5e-4.
           CHECK_MESSAGE(var_err <= 2e-5, std::string(name(l)), " ", s.batch, "x", C, "x", S,
                         " threads=", threads, " channel ", c, ": var relative error ", var_err);
         }
