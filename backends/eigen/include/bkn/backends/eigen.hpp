@@ -546,125 +546,99 @@ void eigen_sum_products(const T* dy, const T* x, index_t n, T centre, T& sum_dy,
   eigen_sums_products<1>(dy, 0, x, 0, n, &centre, &sum_dy, &sum_dy_centred);
 }
 
-/// Per channel c < C of `rows` rows of C values, row r at x + r * row_stride (channels
-/// contiguous): out[c] = sum_r (x[r][c] - shift[c]), or with `squares` its squares. A tile of
-/// channels keeps its accumulators in registers over every row.
-template <bool squares, class T>
-void eigen_column_sums(const T* x, index_t rows, index_t C, index_t row_stride, const T* shift,
-                       T* out) {
-  using namespace Eigen::internal;
-  using packet = eigen_packet<T>;
-  constexpr index_t L = eigen_lanes<T>;
-  const auto add = [](packet& acc, const packet& d) {
-    acc = squares ? pmadd(d, d, acc) : padd(acc, d);
-  };
-  if (C > eigen_register_tile * L) {
-    // Wide rows: eigen_row_group rows side by side, packet by packet, the accumulators in
-    // `out` (L1). A tile of channels over all rows would read the rows a few cache lines at a
-    // time, a pattern memory streams poorly.
-    std::fill(out, out + C, T(0));
-    constexpr index_t R = eigen_row_group;
-    for (index_t r0 = 0; r0 < rows; r0 += R) {
-      const index_t n = std::min(R, rows - r0);
-      const T* rows_at = x + r0 * row_stride;
-      index_t c = 0;
-      for (; c + L <= C; c += L) {
-        const packet sh = ploadu<packet>(shift + c);
-        packet acc = ploadu<packet>(out + c);
-        if (n == R) {
-          for (index_t r = 0; r < R; ++r)
-            add(acc, psub(ploadu<packet>(rows_at + r * row_stride + c), sh));
-        } else {
-          for (index_t r = 0; r < n; ++r)
-            add(acc, psub(ploadu<packet>(rows_at + r * row_stride + c), sh));
-        }
-        pstoreu(out + c, acc);
-      }
-      for (; c < C; ++c)
-        for (index_t r = 0; r < n; ++r) {
-          const T d = rows_at[r * row_stride + c] - shift[c];
-          out[c] += squares ? d * d : d;
-        }
-    }
-    return;
-  }
-  index_t c = 0;
-  for (; c + 4 * L <= C; c += 4 * L) {
-    const packet s0 = ploadu<packet>(shift + c), s1 = ploadu<packet>(shift + c + L),
-                 s2 = ploadu<packet>(shift + c + 2 * L), s3 = ploadu<packet>(shift + c + 3 * L);
-    packet a0 = pset1<packet>(T(0)), a1 = a0, a2 = a0, a3 = a0;
-    for (index_t r = 0; r < rows; ++r) {
-      const T* row = x + r * row_stride + c;
-      add(a0, psub(ploadu<packet>(row), s0));
-      add(a1, psub(ploadu<packet>(row + L), s1));
-      add(a2, psub(ploadu<packet>(row + 2 * L), s2));
-      add(a3, psub(ploadu<packet>(row + 3 * L), s3));
-    }
-    pstoreu(out + c, a0);
-    pstoreu(out + c + L, a1);
-    pstoreu(out + c + 2 * L, a2);
-    pstoreu(out + c + 3 * L, a3);
-  }
-  for (; c + L <= C; c += L) {
-    const packet s0 = ploadu<packet>(shift + c);
-    packet a0 = pset1<packet>(T(0));
-    for (index_t r = 0; r < rows; ++r) add(a0, psub(ploadu<packet>(x + r * row_stride + c), s0));
-    pstoreu(out + c, a0);
-  }
-  for (; c < C; ++c) {
-    T a = 0;
-    for (index_t r = 0; r < rows; ++r) {
-      const T d = x[r * row_stride + c] - shift[c];
-      a += squares ? d * d : d;
-    }
-    out[c] = a;
-  }
-}
-
-/// The same over channels `channel_stride` apart (the strided fallback; shift is contiguous).
-template <bool squares, class T>
-void eigen_column_sums(const T* x, index_t rows, index_t C, index_t row_stride,
-                       index_t channel_stride, const T* shift, T* out) {
-  if (channel_stride == 1) return eigen_column_sums<squares>(x, rows, C, row_stride, shift, out);
-  for (index_t c = 0; c < C; ++c) {
-    T a = 0;
-    for (index_t r = 0; r < rows; ++r) {
-      const T d = x[r * row_stride + c * channel_stride] - shift[c];
-      a += squares ? d * d : d;
-    }
-    out[c] = a;
-  }
-}
-
-/// Per channel: sum dy and sum dy (x - centre[c]) over `rows` rows (row r of dy at
-/// dy + r * dy_row, channel c at + c * dy_channel; likewise x), added to the outputs.
+/// The terms that eigen_column_sums adds up, at row i and channel j of one matrix or two (row
+/// i at + i * stride, channel j at + j * step; packets need step 1) about a centre c: u, and a
+/// v that multiplies it. A reduction keeps sum u, sum u v, or both.
+/// Deviations, u = v = x - c: sum u and sum u^2 are the moments about c.
 template <class T>
-void eigen_column_products(const T* dy, index_t dy_row, index_t dy_channel, const T* x,
-                           index_t x_row, index_t x_channel, index_t rows, index_t C,
-                           const T* centre, T* sum_dy, T* sum_dy_centred) {
+struct eigen_deviations {
+  const T* x;
+  index_t stride, step = 1;
+  /// The matrix from row i on.
+  eigen_deviations from_row(index_t i) const noexcept { return {x + i * stride, stride, step}; }
+
+  bool contiguous() const noexcept { return step == 1; }
+  template <class Packet>
+  EIGEN_ALWAYS_INLINE void packet(index_t i, index_t j, const Packet& c, Packet& u,
+                                  Packet& v) const {
+    u = Eigen::internal::psub(Eigen::internal::ploadu<Packet>(x + i * stride + j), c);
+    v = u;
+  }
+  EIGEN_ALWAYS_INLINE void scalar(index_t i, index_t j, T c, T& u, T& v) const {
+    u = x[i * stride + j * step] - c;
+    v = u;
+  }
+};
+
+/// Products, u = dy and v = x - c: backward's sum dy and sum dy (x - c).
+template <class T>
+struct eigen_products {
+  const T* dy;
+  index_t dy_stride, dy_step;
+  const T* x;
+  index_t x_stride, x_step;
+  /// The matrices from row i on.
+  eigen_products from_row(index_t i) const noexcept {
+    return {dy + i * dy_stride, dy_stride, dy_step, x + i * x_stride, x_stride, x_step};
+  }
+
+  bool contiguous() const noexcept { return dy_step == 1 && x_step == 1; }
+  template <class Packet>
+  EIGEN_ALWAYS_INLINE void packet(index_t i, index_t j, const Packet& c, Packet& u,
+                                  Packet& v) const {
+    using namespace Eigen::internal;
+    u = ploadu<Packet>(dy + i * dy_stride + j);
+    v = psub(ploadu<Packet>(x + i * x_stride + j), c);
+  }
+  EIGEN_ALWAYS_INLINE void scalar(index_t i, index_t j, T c, T& u, T& v) const {
+    u = dy[i * dy_stride + j * dy_step];
+    v = x[i * x_stride + j * x_step] - c;
+  }
+};
+
+/// first += u (with sum_u) and second += u v (with sum_uv), on packets or scalars.
+template <bool sum_u, bool sum_uv, class V>
+EIGEN_ALWAYS_INLINE void eigen_accumulate(V& first, V& second, const V& u, const V& v) {
+  if constexpr (sum_u) first = Eigen::internal::padd(first, u);
+  if constexpr (sum_uv) second = Eigen::internal::pmadd(u, v, second);
+}
+
+/// Per column c < C of a term's `rows` x C matrix (rows of channels): first[c] += sum_r u
+/// (with sum_u) and second[c] += sum_r u v (with sum_uv), about centre[c]. Both outputs are
+/// arrays of C; the one not kept is neither read nor written (the other may stand in for it).
+template <bool sum_u, bool sum_uv, class T, class Term>
+void eigen_column_sums(const Term& term, index_t rows, index_t C, const T* centre, T* first,
+                       T* second) {
   using namespace Eigen::internal;
   using packet = eigen_packet<T>;
   constexpr index_t L = eigen_lanes<T>;
+  const auto add_to = [](T* sums, index_t c, const packet& p) {
+    pstoreu(sums + c, padd(ploadu<packet>(sums + c), p));
+  };
   index_t c = 0;
-  if (dy_channel == 1 && x_channel == 1 && C > eigen_register_tile * L) {
-    // Wide rows: eigen_row_group rows side by side (see eigen_column_sums), the sums
-    // accumulating in place.
+  if (term.contiguous() && C > eigen_register_tile * L) {
+    // Wide rows: eigen_row_group rows side by side, packet by packet, the sums accumulating in
+    // place (L1). A tile of channels over all rows would read the rows a few cache lines at a
+    // time, a pattern memory streams poorly.
     constexpr index_t R = eigen_row_group;
     for (index_t r0 = 0; r0 < rows; r0 += R) {
       const index_t n = std::min(R, rows - r0);
-      const T* dr = dy + r0 * dy_row;
-      const T* xr = x + r0 * x_row;
+      // A copy from row r0: its pointers stay in registers (not reloaded after each store),
+      // and the rows' offsets are loop-invariant products.
+      const Term block = term.from_row(r0);
       index_t j = 0;
       const auto rows_of = [&](index_t count) {
         const packet m = ploadu<packet>(centre + j);
-        packet sd = ploadu<packet>(sum_dy + j), sp = ploadu<packet>(sum_dy_centred + j);
+        packet f = pset1<packet>(T(0)), s = f;
+        if constexpr (sum_u) f = ploadu<packet>(first + j);
+        if constexpr (sum_uv) s = ploadu<packet>(second + j);
         for (index_t r = 0; r < count; ++r) {
-          const packet d = ploadu<packet>(dr + r * dy_row + j);
-          sd = padd(sd, d);
-          sp = pmadd(d, psub(ploadu<packet>(xr + r * x_row + j), m), sp);
+          packet u, v;
+          block.packet(r, j, m, u, v);
+          eigen_accumulate<sum_u, sum_uv>(f, s, u, v);
         }
-        pstoreu(sum_dy + j, sd);
-        pstoreu(sum_dy_centred + j, sp);
+        if constexpr (sum_u) pstoreu(first + j, f);
+        if constexpr (sum_uv) pstoreu(second + j, s);
       };
       for (; j + L <= C; j += L) {
         if (n == R)
@@ -674,37 +648,32 @@ void eigen_column_products(const T* dy, index_t dy_row, index_t dy_channel, cons
       }
       for (; j < C; ++j)
         for (index_t r = 0; r < n; ++r) {
-          const T d = dr[r * dy_row + j];
-          sum_dy[j] += d;
-          sum_dy_centred[j] += d * (xr[r * x_row + j] - centre[j]);
+          T u, v;
+          block.scalar(r, j, centre[j], u, v);
+          eigen_accumulate<sum_u, sum_uv>(first[j], second[j], u, v);
         }
     }
     return;
   }
-  if (dy_channel == 1 && x_channel == 1) {
+  if (term.contiguous()) {
     // Tiles of four packets, then two, then one: every accumulator in a register over all rows.
     const auto tile = [&](auto packets) {
       constexpr index_t n = decltype(packets)::value;
-      packet m[n], d[n], p[n];
-      for (index_t t = 0; t < n; ++t) {
+      packet m[n], f[n], s[n];
+      eigen_unrolled<n>([&](auto t) {
         m[t] = ploadu<packet>(centre + c + t * L);
-        d[t] = pset1<packet>(T(0));
-        p[t] = d[t];
-      }
-      for (index_t r = 0; r < rows; ++r) {
-        const T* d_at = dy + r * dy_row + c;
-        const T* x_at = x + r * x_row + c;
-        for (index_t t = 0; t < n; ++t) {
-          const packet a = ploadu<packet>(d_at + t * L);
-          d[t] = padd(d[t], a);
-          p[t] = pmadd(a, psub(ploadu<packet>(x_at + t * L), m[t]), p[t]);
-        }
-      }
-      for (index_t t = 0; t < n; ++t) {
-        pstoreu(sum_dy + c + t * L, padd(ploadu<packet>(sum_dy + c + t * L), d[t]));
-        pstoreu(sum_dy_centred + c + t * L,
-                padd(ploadu<packet>(sum_dy_centred + c + t * L), p[t]));
-      }
+        f[t] = s[t] = pset1<packet>(T(0));
+      });
+      for (index_t r = 0; r < rows; ++r)
+        eigen_unrolled<n>([&](auto t) {
+          packet u, v;
+          term.packet(r, c + t * L, m[t], u, v);
+          eigen_accumulate<sum_u, sum_uv>(f[t], s[t], u, v);
+        });
+      eigen_unrolled<n>([&](auto t) {
+        if constexpr (sum_u) add_to(first, c + t * L, f[t]);
+        if constexpr (sum_uv) add_to(second, c + t * L, s[t]);
+      });
       c += n * L;
     };
     while (c + 4 * L <= C) tile(std::integral_constant<index_t, 4>());
@@ -712,99 +681,14 @@ void eigen_column_products(const T* dy, index_t dy_row, index_t dy_channel, cons
     while (c + L <= C) tile(std::integral_constant<index_t, 1>());
   }
   for (; c < C; ++c) {
-    T s_dy = 0, s_dyc = 0;
+    T f = T(0), s = T(0);
     for (index_t r = 0; r < rows; ++r) {
-      const T d = dy[r * dy_row + c * dy_channel];
-      s_dy += d;
-      s_dyc += d * (x[r * x_row + c * x_channel] - centre[c]);
+      T u, v;
+      term.scalar(r, c, centre[c], u, v);
+      eigen_accumulate<sum_u, sum_uv>(f, s, u, v);
     }
-    sum_dy[c] += s_dy;
-    sum_dy_centred[c] += s_dyc;
-  }
-}
-
-/// Per channel c < C of `rows` rows (row r at x + r * row_stride, channel c at + c *
-/// channel_stride): sum[c] = sum_r (x[r][c] - shift[c]) and squares[c] = sum_r (x[r][c] -
-/// shift[c])^2, in one pass over the rows (the layout of eigen_column_products).
-template <class T>
-void eigen_column_moments(const T* x, index_t rows, index_t C, index_t row_stride,
-                          index_t channel_stride, const T* shift, T* sum, T* squares) {
-  using namespace Eigen::internal;
-  using packet = eigen_packet<T>;
-  constexpr index_t L = eigen_lanes<T>;
-  index_t c = 0;
-  if (channel_stride == 1 && C > eigen_register_tile * L) {
-    // Wide rows: eigen_row_group rows side by side, the sums accumulating in place (L1).
-    std::fill(sum, sum + C, T(0));
-    std::fill(squares, squares + C, T(0));
-    constexpr index_t R = eigen_row_group;
-    for (index_t r0 = 0; r0 < rows; r0 += R) {
-      const index_t n = std::min(R, rows - r0);
-      const T* xr = x + r0 * row_stride;
-      index_t j = 0;
-      const auto rows_of = [&](index_t count) {
-        const packet sh = ploadu<packet>(shift + j);
-        packet s = ploadu<packet>(sum + j), q = ploadu<packet>(squares + j);
-        for (index_t r = 0; r < count; ++r) {
-          const packet d = psub(ploadu<packet>(xr + r * row_stride + j), sh);
-          s = padd(s, d);
-          q = pmadd(d, d, q);
-        }
-        pstoreu(sum + j, s);
-        pstoreu(squares + j, q);
-      };
-      for (; j + L <= C; j += L) {
-        if (n == R)
-          rows_of(R);
-        else
-          rows_of(n);
-      }
-      for (; j < C; ++j)
-        for (index_t r = 0; r < n; ++r) {
-          const T d = xr[r * row_stride + j] - shift[j];
-          sum[j] += d;
-          squares[j] += d * d;
-        }
-    }
-    return;
-  }
-  if (channel_stride == 1) {
-    // Tiles of four packets, then two, then one: every accumulator in a register over all rows.
-    const auto tile = [&](auto packets) {
-      constexpr index_t n = decltype(packets)::value;
-      packet sh[n], s[n], q[n];
-      for (index_t t = 0; t < n; ++t) {
-        sh[t] = ploadu<packet>(shift + c + t * L);
-        s[t] = pset1<packet>(T(0));
-        q[t] = s[t];
-      }
-      for (index_t r = 0; r < rows; ++r) {
-        const T* at = x + r * row_stride + c;
-        for (index_t t = 0; t < n; ++t) {
-          const packet d = psub(ploadu<packet>(at + t * L), sh[t]);
-          s[t] = padd(s[t], d);
-          q[t] = pmadd(d, d, q[t]);
-        }
-      }
-      for (index_t t = 0; t < n; ++t) {
-        pstoreu(sum + c + t * L, s[t]);
-        pstoreu(squares + c + t * L, q[t]);
-      }
-      c += n * L;
-    };
-    while (c + 4 * L <= C) tile(std::integral_constant<index_t, 4>());
-    while (c + 2 * L <= C) tile(std::integral_constant<index_t, 2>());
-    while (c + L <= C) tile(std::integral_constant<index_t, 1>());
-  }
-  for (; c < C; ++c) {
-    T s = 0, q = 0;
-    for (index_t r = 0; r < rows; ++r) {
-      const T d = x[r * row_stride + c * channel_stride] - shift[c];
-      s += d;
-      q += d * d;
-    }
-    sum[c] = s;
-    squares[c] = q;
+    if constexpr (sum_u) first[c] += f;
+    if constexpr (sum_uv) second[c] += s;
   }
 }
 
@@ -1186,26 +1070,34 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
           [&](index_t p, index_t n) {
             const T* first = px.at(p);
             const index_t cs = px.channel_stride, ps = px.pixel_stride;
+            const eigen_deviations<T> rows{first, ps, cs};
             const double count = double(n);
+            std::fill(work.sum, work.sum + C, T(0));
+            std::fill(work.squares, work.squares + C, T(0));
             // One pass: the block's sum and squares about a shift close to its mean, the
             // unit's mean so far or, for its first block, the mean of the block's first rows.
             if (state.count[0] == 0) {
               const index_t m = std::min(n, eigen_pilot_rows);
               for (index_t c = 0; c < C; ++c) work.centre[c] = first[c * cs];
-              eigen_column_sums<false>(first, m, C, ps, cs, work.centre, work.sum);
-              for (index_t c = 0; c < C; ++c)
+              eigen_column_sums<true, false>(rows, m, C, work.centre, work.sum, work.sum);
+              for (index_t c = 0; c < C; ++c) {
                 work.centre[c] = T(double(work.centre[c]) + double(work.sum[c]) / double(m));
+                work.sum[c] = T(0);
+              }
             } else {
               for (index_t c = 0; c < C; ++c) work.centre[c] = T(state.mean[c]);
             }
-            eigen_column_moments(first, n, C, ps, cs, work.centre, work.sum, work.squares);
+            eigen_column_sums<true, true>(rows, n, C, work.centre, work.sum, work.squares);
             const index_t cancelled = eigen_block_moments(
                 work.centre, work.sum, work.squares, count, work.block_mean, work.block_m2, C);
             if (cancelled * eigen_cancelled_pass > C) {
               // Many shifts lay far from their means: every channel's squares again, about its
               // mean (a second pass over the block).
-              for (index_t c = 0; c < C; ++c) work.centre[c] = T(work.block_mean[c]);
-              eigen_column_sums<true>(first, n, C, ps, cs, work.centre, work.squares);
+              for (index_t c = 0; c < C; ++c) {
+                work.centre[c] = T(work.block_mean[c]);
+                work.squares[c] = T(0);
+              }
+              eigen_column_sums<false, true>(rows, n, C, work.centre, work.squares, work.squares);
               for (index_t c = 0; c < C; ++c)
                 work.block_m2[c] =
                     eigen_m2_about(work.squares[c], work.centre[c], work.block_mean[c], count);
@@ -1213,10 +1105,8 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
               eigen_for_each_cancelled(work.block_m2, C, [&](index_t c) {
                 const T centre = T(work.block_mean[c]);
                 T squares = T(0);
-                for (index_t r = 0; r < n; ++r) {
-                  const T d = first[r * ps + c * cs] - centre;
-                  squares += d * d;
-                }
+                eigen_column_sums<false, true>(eigen_deviations<T>{first + c * cs, ps}, n, 1,
+                                               &centre, &squares, &squares);
                 work.block_m2[c] = eigen_m2_about(squares, centre, work.block_mean[c], count);
               });
             }
@@ -1481,9 +1371,10 @@ void eigen_sums_rows(tensor_view<const T> dy, tensor_view<const T> x, span<const
           [&](index_t p, index_t length) {
             std::fill(work.block_dy, work.block_dy + C, T(0));
             std::fill(work.block_dy_centred, work.block_dy_centred + C, T(0));
-            eigen_column_products(pdy.at(p), pdy.pixel_stride, pdy.channel_stride, px.at(p),
-                                  px.pixel_stride, px.channel_stride, length, C, work.centre,
-                                  work.block_dy, work.block_dy_centred);
+            const eigen_products<T> rows{pdy.at(p), pdy.pixel_stride, pdy.channel_stride,
+                                         px.at(p), px.pixel_stride, px.channel_stride};
+            eigen_column_sums<true, true>(rows, length, C, work.centre, work.block_dy,
+                                          work.block_dy_centred);
             for (index_t c = 0; c < C; ++c) {  // a loop the compiler vectorizes
               out.sum_dy[c] += double(work.block_dy[c]);
               out.sum_dy_centred[c] +=
