@@ -1598,10 +1598,15 @@ void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
   using coefficients = Eigen::Array<W, 1, Eigen::Dynamic, Eigen::RowMajor, 1, tile>;
   constexpr bool apart = Path == eigen_path::planes;
   const index_t C = out.channels(), G = out.batch() / group_size;
-  // On planes a run is a segment of each of the C planes: keep the segments long.
+  // On planes a run is a segment of each of the C planes: keep the segments long. A group's
+  // pixels are cut into blocks of equal length (at most `block`), and on planes, when the
+  // blocks cannot be shared evenly by the team, each block into slices of channels too
+  // (NCHW 8x256x14x14 is a single block: the second thread had nothing to do).
   const index_t pixels = group_size * out.spatial(),
                 block = apart ? eigen_block_values : eigen_elementwise_block(C);
-  const index_t per_group = (pixels + block - 1) / block, units = G * per_group;
+  const index_t per_group = (pixels + block - 1) / block;
+  const index_t slices = apart && (G * per_group) % team != 0 ? std::min<index_t>(team, C) : 1;
+  const index_t units = G * per_group * slices;
   const eigen_pixels<T> po(out, apart);
   const eigen_pixels<const T> pu(u, apart), pv(has_v ? v : u, apart);
   const bool stream =
@@ -1610,14 +1615,15 @@ void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
     coefficients at, bt, kt, mt;
     const index_t last = eigen_first_unit(units, part + 1, team);
     for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / per_group;
-      const index_t begin = g * pixels + unit % per_group * block;
+      const index_t slice = unit % slices, pixel_block = unit / slices;
+      const index_t g = pixel_block / per_group, j = pixel_block % per_group;
+      const index_t c_begin = C * slice / slices, c_end = C * (slice + 1) / slices;
       const P* ag = a.data() + g * C;
       const P* mg = centre.data() + g * C;
       const P* kg = k.data() + g * C;
       const P* bg = has_v ? b.data() + g * C : nullptr;
       eigen_for_each_run(
-          begin, std::min(begin + block, (g + 1) * pixels), block,
+          g * pixels + pixels * j / per_group, g * pixels + pixels * (j + 1) / per_group, block,
           [&](index_t p, index_t length) {
             if constexpr (std::is_same_v<T, P> && Path != eigen_path::strided) {
               // Packets of T, coefficients as they are: no conversions.
@@ -1627,7 +1633,7 @@ void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
               const auto pass = [&](auto streaming) {
                 constexpr bool s = decltype(streaming)::value;
                 if constexpr (Path == eigen_path::planes) {
-                  for (index_t c = 0; c < C; ++c)
+                  for (index_t c = c_begin; c < c_end; ++c)
                     eigen_affine_segment<s>(o + c * po.channel_stride, uu + c * pu.channel_stride,
                                             has_v ? vv + c * pv.channel_stride : nullptr, length,
                                             ag[c], mg[c], kg[c], has_v ? bg[c] : T(0));
@@ -1645,7 +1651,7 @@ void eigen_affine(tensor_view<T> out, tensor_view<const T> u, span<const P> a,
               T* o = po.at(p);
               const T* uu = pu.at(p);
               const T* vv = pv.at(p);
-              for (index_t c = 0; c < C; ++c) {
+              for (index_t c = c_begin; c < c_end; ++c) {
                 eigen_values<T> oc(o + c * po.channel_stride, length);
                 const auto uc =
                     eigen_values<const T>(uu + c * pu.channel_stride, length).template cast<W>() -
