@@ -39,7 +39,9 @@ struct eigen_backend {
   int threads = 1;
   /// Tensors of fewer elements run on the calling thread: an OpenMP fork/join costs a few
   /// microseconds with spinning threads (tens with sleeping ones, OMP_WAIT_POLICY=passive), as
-  /// long as a pass over 1 MiB takes (measured here: NC 128x1024 is faster on one thread).
+  /// long as a pass over 1 MiB takes. Tensors whose statistics pool 64 values or more (group
+  /// size times pixels) fork from a quarter of it: measured here, NC 128x1024 is faster on two
+  /// threads over the whole batch, and on one in statistics groups of 2 and 4.
   index_t parallel_min_elements = index_t(1) << 18;
 };
 
@@ -64,6 +66,25 @@ inline constexpr int eigen_affine_tile = 64;
 
 inline int eigen_team(const eigen_backend& backend, index_t elements) noexcept {
   return backend.threads > 1 && elements >= backend.parallel_min_elements ? backend.threads : 1;
+}
+
+// A pass over a tensor whose statistics each pool at least this many values (group size times
+// pixels) forks from a quarter of parallel_min_elements: its per-(group, channel) arrays, which
+// the calling thread fills and reads between the passes, are then at most 1/64 of the tensor.
+// Measured here at 2 threads (interleaved A/B, medians of 5 runs): tensors of 2^16 to 2^18
+// values pooling 128 or more were 1.2-1.9x faster forked (NC 128x1024, 256x512 and 64x2048;
+// NCHW and NHWC 8x128x14x14, 2x128x28x28, 4x32x24x24); NC 128x1024 in groups of 2 and 4
+// (pooling 2 and 4 values) was 1.05-1.6x slower forked. A floor of an eighth of
+// parallel_min_elements lost on NHWC 2x512x7x7 (forward 1.06-1.09x slower).
+inline constexpr index_t eigen_parallel_pooled_values = 64;
+
+/// The team of a pass over `x` in statistics groups of `group_size` samples.
+inline int eigen_team(const eigen_backend& backend, const tensor_shape& x,
+                      index_t group_size) noexcept {
+  const index_t elements = x.elements(), pooled = group_size * x.height * x.width;
+  if (pooled >= eigen_parallel_pooled_values && elements >= backend.parallel_min_elements / 4)
+    return backend.threads > 1 ? backend.threads : 1;
+  return eigen_team(backend, elements);
 }
 
 /// Calls f(part) for every part in [0, team), on `team` threads when OpenMP is there. The parts,
@@ -1766,7 +1787,7 @@ struct kernels<eigen_backend> {
 
   /// Per part of the team: the channels-last statistics of moments and sums (O(C)), and in
   /// full mode the C x C Gram accumulator and block of centred rows of covariance.
-  static std::size_t scratch_bytes(const B& backend, const tensor_shape& x, index_t,
+  static std::size_t scratch_bytes(const B& backend, const tensor_shape& x, index_t group_size,
                                    covariance mode) {
     if (x.elements() == 0) return 0;
     const index_t C = x.channels;
@@ -1774,7 +1795,7 @@ struct kernels<eigen_backend> {
                                 detail::eigen_slot_bytes<detail::eigen_sums_slot<double>>(C));
     if (mode == covariance::full)
       slot = std::max(slot, detail::eigen_slot_bytes<detail::eigen_covariance_slot>(C));
-    return static_cast<std::size_t>(detail::eigen_team(backend, x.elements())) * slot;
+    return static_cast<std::size_t>(detail::eigen_team(backend, x, group_size)) * slot;
   }
 
   /// Chunks of groups of about eigen_chunk_values elements per thread, when a group is well
@@ -1807,7 +1828,7 @@ struct kernels<eigen_backend> {
       std::fill(var.begin(), var.end(), P(0));
       return;
     }
-    const int team = detail::eigen_team(backend, x.shape().elements());
+    const int team = detail::eigen_team(backend, x.shape(), group_size);
     switch (detail::eigen_choose_path(x.spatial(), x)) {
       case eigen_path::planes:
         if (x.spatial() <= detail::eigen_short_planes)
@@ -1831,7 +1852,7 @@ struct kernels<eigen_backend> {
       std::fill(cov.begin(), cov.end(), P(0));
       return;
     }
-    const int team = detail::eigen_team(backend, x.shape().elements());
+    const int team = detail::eigen_team(backend, x.shape(), group_size);
     switch (detail::eigen_choose_path(x.spatial(), x)) {
       case eigen_path::planes:
         return detail::eigen_covariance<eigen_path::planes>(x, group_size, mean, cov, scratch,
@@ -1856,7 +1877,7 @@ struct kernels<eigen_backend> {
       std::fill(sum_dy_centred.begin(), sum_dy_centred.end(), P(0));
       return;
     }
-    const int team = detail::eigen_team(backend, x.shape().elements());
+    const int team = detail::eigen_team(backend, x.shape(), group_size);
     switch (detail::eigen_choose_path(x.spatial(), dy, x)) {
       case eigen_path::planes:
         if (x.spatial() <= detail::eigen_short_planes)
@@ -1880,7 +1901,7 @@ struct kernels<eigen_backend> {
     using detail::eigen_path;
     if (group_size <= 0 || out.empty()) return;
     const bool has_v = !b.empty() && !v.empty();
-    const int team = detail::eigen_team(backend, out.shape().elements());
+    const int team = detail::eigen_team(backend, out.shape(), group_size);
     const eigen_path path = has_v ? detail::eigen_choose_path(out.spatial(), out, u, v)
                                   : detail::eigen_choose_path(out.spatial(), out, u);
     switch (path) {
@@ -1902,7 +1923,7 @@ struct kernels<eigen_backend> {
                   span<const P> k, index_t group_size) {
     using detail::eigen_path;
     if (group_size <= 0 || out.empty()) return;
-    const int team = detail::eigen_team(backend, out.shape().elements());
+    const int team = detail::eigen_team(backend, out.shape(), group_size);
     switch (detail::eigen_choose_path(out.spatial(), out, u, v)) {
       case eigen_path::planes:
         return detail::eigen_mix<eigen_path::planes>(out, u, a, v, matrix, centre, k, group_size,
