@@ -29,8 +29,24 @@ METHODS = ["BKN-identity", "BKN-dense", "BKN-linear", "BKN-conv", "BKN-full"]
 PEERS = ["onednn", "libtorch"]
 LAYOUT_ORDER = {"NCHW": 0, "NHWC": 1, "NC": 2}
 # eigen_backend::parallel_min_elements by default (the suite's eigen lines keep it): smaller
-# tensors run on the calling thread whatever the thread count.
+# tensors run on the calling thread whatever the thread count, unless they reach a quarter of it
+# with statistics that pool at least PARALLEL_POOLED_VALUES values each (eigen_team).
 PARALLEL_MIN_ELEMENTS = 1 << 18
+PARALLEL_POOLED_VALUES = 64
+
+
+def eigen_forks(kind, case):
+    """Whether the Eigen backend's passes of this kind and case fork at 2 threads (eigen_team).
+    Inference normalizes the whole batch at once, in any grouping."""
+    layout, dims, gs = case.split("/")
+    dims = [int(d) for d in dims.split("x")]
+    elements = math.prod(dims)
+    batch, pixels = dims[0], math.prod(dims[2:])
+    group = batch if gs == "gs=all" or kind == "inference" else int(gs[3:])
+    if elements >= PARALLEL_MIN_ELEMENTS:
+        return True
+    return (elements >= PARALLEL_MIN_ELEMENTS // 4
+            and group * pixels >= PARALLEL_POOLED_VALUES)
 
 
 def parse_name(name):
@@ -415,7 +431,6 @@ def goals(run):
     if len(ts) >= 2:
         vals, one_thread, beyond = [], 0, []
         for case in run.cases:
-            elements = math.prod(int(d) for d in case.split("/")[1].split("x"))
             for k in KINDS + ["forward_BKN-identity", "backward_BKN-identity"]:
                 lo, hi = f"eigen:t{ts[0]}", f"eigen:t{ts[-1]}"
                 a, b = run.time(k, lo, case), run.time(k, hi, case)
@@ -424,9 +439,9 @@ def goals(run):
                 vals.append((b / a, f"{k}, {case_label(case)}"))
                 if b <= a:
                     continue
-                # Tensors under the Eigen backend's default parallel_min_elements run the same
-                # one-thread code at both counts: their ratio is the run-to-run spread.
-                if elements < PARALLEL_MIN_ELEMENTS:
+                # Tensors the Eigen backend does not fork run the same one-thread code at both
+                # counts: their ratio is the run-to-run spread.
+                if not eigen_forks(k, case):
                     one_thread += 1
                     continue
                 spread = math.hypot(run.get(k, lo, case).get("cv", 0),
@@ -439,8 +454,9 @@ def goals(run):
             detail = ""
             if above:
                 detail = (f"; of the {above} above 1, {one_thread} run the same one-thread code at "
-                          f"both counts (tensors under `parallel_min_elements`) and "
-                          f"{len(beyond)} are slower by more than twice their repetitions' spread")
+                          f"both counts (tensors the backend does not fork) and "
+                          f"{len(beyond)} {'is' if len(beyond) == 1 else 'are'} slower by more "
+                          f"than twice their repetitions' spread")
                 if beyond:
                     bv, bwhere = worst(beyond)
                     detail += f" (worst {bv:.2f}, {bwhere})"
