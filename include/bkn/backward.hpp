@@ -470,14 +470,34 @@ struct dense_transition_gradient_op {
         }
       }
     }
-    for (index_t r = 0; r < N; ++r)
-      for (index_t l = 0; l < dense_block; ++l) {
-        const index_t e = (c0 + r) * in_channels + k0 + l;
-        double total = lane(s[r][l / lane_count], l % lane_count);
-        if constexpr (variances)
-          total += 2 * double(weights[e]) * lane(sv[r][l / lane_count], l % lane_count);
-        dweights[e] = P((accumulate ? double(dweights[e]) : 0.0) + total);
-      }
+    // In lanes as well: with one group (a batch in one statistics group) these stores are
+    // most of the tile's work. The members in locals, the halves by name and the rows
+    // unrolled: through stores that may alias them, or indexed in a loop, GCC kept them (and
+    // every partial sum) in memory.
+    P* const dw = dweights;
+    const P* const w = weights;
+    const index_t stride = in_channels;
+    const bool add = accumulate;
+    BKN_UNROLL_LANES
+    for (index_t r = 0; r < N; ++r) {
+      const index_t e = (c0 + r) * stride + k0;
+      store_gradient(dw + e, w + e, s[r][0], sv[r][0], add);
+      store_gradient(dw + e + lane_count, w + e + lane_count, s[r][1], sv[r][1], add);
+    }
+  }
+
+  // dA's lanes at `out`: the sums with the mean's gradient, plus 2 A times those with the
+  // variance's, plus what `out` held when `add`.
+  BKN_HOST_DEVICE static void store_gradient(P* out, const P* a, const lanes& mean_sums,
+                                             const lanes& variance_sums, bool add) {
+    lanes total = mean_sums;
+    if constexpr (variances) total += splat(2) * load_lanes(a) * variance_sums;
+    if (add) {
+      lanes sum = load_lanes(out);
+      sum += total;
+      total = sum;
+    }
+    store_lanes(out, total);
   }
 
   // Columns [k0, k0 + n), n < dense_block, of row c.

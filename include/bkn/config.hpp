@@ -36,6 +36,15 @@
 #define BKN_FORCE_INLINE inline
 #endif
 
+// A short loop over an array of vectors (detail::lanes) unrolled whole, so that each element
+// keeps its register: GCC leaves the array in stack memory otherwise. Other compilers, and
+// nvcc's front end, get no pragma (an unknown one is a warning that -Werror turns fatal).
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && !defined(__HIPCC__)
+#define BKN_UNROLL_LANES _Pragma("GCC unroll 8")
+#else
+#define BKN_UNROLL_LANES
+#endif
+
 BKN_BEGIN_NAMESPACE
 
 /// Signed 64-bit index for every extent, stride and offset: tensors past 2^31 elements are

@@ -904,6 +904,37 @@ TEST_CASE("gradients of one layer through a linear host layer in full-covariance
   check_layer(c);
 }
 
+TEST_CASE("a linear host layer in full mode, over whole tiles: dW exact and added to the host's") {
+  // C = 9 rows and C' = 19 columns: dA's tiles of 4 rows by 16 columns, a row at a time, and
+  // the edge columns. A host layer's dW is added to what the host's own backprop left there,
+  // so a start of 0.25 must come back as the same gradient plus 0.25 in every entry.
+  layer_case c;
+  c.mode = covariance::full;
+  c.transition = transition_kind::weights;
+  c.in_channels = 19;
+  c.act = bkn::activation::none;
+  c.lay = layout::nc;
+  c.shape = {10, 9, 1, 1};
+  check_layer(c);
+
+  layer_problem s(c);
+  s.loss();
+  auto& st = s.storage();
+  std::fill(st.dtransition_weights.begin(), st.dtransition_weights.end(), P(0));
+  s.backward();
+  const std::vector<P> from_zero = st.dtransition_weights;
+  std::fill(st.dtransition_weights.begin(), st.dtransition_weights.end(), P(0.25));
+  s.backward();
+  REQUIRE(st.dtransition_weights.size() == from_zero.size());
+  double worst = 0, largest = 0;
+  for (std::size_t i = 0; i < from_zero.size(); ++i) {
+    worst = std::max(worst, std::abs(double(st.dtransition_weights[i]) - 0.25 - from_zero[i]));
+    largest = std::max(largest, std::abs(double(from_zero[i])));
+  }
+  CHECK(largest > 1e-3);  // a gradient to add to
+  CHECK(worst <= 1e-12);
+}
+
 TEST_CASE("the authors' variant: a fixed gain gets no gradient, the rest stays exact") {
   for (covariance mode : kModes) {
     layer_case c;
