@@ -688,7 +688,7 @@ TEST_CASE("scratch_bytes covers the largest pass and grows with the team") {
 TEST_CASE("tensors of 2^16 to 2^18 values fork where their statistics pool 64 values or more") {
   // The team shows in scratch_bytes: one slot per part. NC 128x1024 (2^17 values) forks over
   // the whole batch (each statistic pools 128 values) and in groups of 64, not in groups of 32
-  // and under, whose per-(group, channel) arrays are a sixteenth of the tensor or more.
+  // and under, whose per-(group, channel) arrays are 1/32 of the tensor or more.
   const bkn::eigen_backend one{1}, two{2};
   const auto team = [&](const bkn::tensor_shape& s, index_t group_size) {
     const auto bytes = [&](const bkn::eigen_backend& b) {
@@ -702,11 +702,11 @@ TEST_CASE("tensors of 2^16 to 2^18 values fork where their statistics pool 64 va
   CHECK(team({128, 1024, 1, 1}, 64) == 2);
   CHECK(team({128, 1024, 1, 1}, 32) == 1);
   CHECK(team({128, 1024, 1, 1}, 2) == 1);
-  CHECK(team({4, 32, 24, 24}, 1) == 2);        // 73,728 values; a sample pools 576
-  CHECK(team({16, 256, 4, 4}, 2) == 1);        // 65,536 values; a group pools 32
-  CHECK(team({16, 256, 4, 4}, 4) == 2);        // and 64
-  CHECK(team({2, 64, 16, 15}, 2) == 1);        // 61,440 values: under a quarter of 2^18
-  CHECK(team({1024, 256, 1, 1}, 2) == 2);      // 2^18 values fork in any grouping
+  CHECK(team({4, 32, 24, 24}, 1) == 2);    // 73,728 values; a sample pools 576
+  CHECK(team({16, 256, 4, 4}, 2) == 1);    // 65,536 values; a group pools 32
+  CHECK(team({16, 256, 4, 4}, 4) == 2);    // and 64
+  CHECK(team({2, 64, 16, 15}, 2) == 1);    // 61,440 values: under a quarter of 2^18
+  CHECK(team({1024, 256, 1, 1}, 2) == 2);  // 2^18 values fork in any grouping
   // A backend's own threshold moves the floor with it.
   const bkn::eigen_backend eager{2, index_t(1) << 12};
   CHECK(eigen::scratch_bytes(eager, {2, 64, 16, 15}, 2, bkn::covariance::diagonal) ==
