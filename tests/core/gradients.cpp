@@ -893,28 +893,29 @@ TEST_CASE("gradients of one layer through a conv host layer wider than one run o
   }
 }
 
-TEST_CASE("gradients of one layer through a linear host layer in full-covariance mode") {
+namespace {
+/// A linear host layer (no activation) in full-covariance mode, C' -> the shape's C channels.
+layer_case full_mode_linear_layer(index_t in_channels, const bkn::tensor_shape& shape) {
   layer_case c;
   c.mode = covariance::full;
   c.transition = transition_kind::weights;
-  c.in_channels = 4;
+  c.in_channels = in_channels;
   c.act = bkn::activation::none;
   c.lay = layout::nc;
-  c.shape = {6, 3, 1, 1};
-  check_layer(c);
+  c.shape = shape;
+  return c;
+}
+}  // namespace
+
+TEST_CASE("gradients of one layer through a linear host layer in full-covariance mode") {
+  check_layer(full_mode_linear_layer(4, {6, 3, 1, 1}));
 }
 
 TEST_CASE("a linear host layer in full mode, over whole tiles: dW exact and added to the host's") {
   // C = 9 rows and C' = 19 columns: dA's tiles of 4 rows by 16 columns, a row at a time, and
   // the edge columns. A host layer's dW is added to what the host's own backprop left there,
   // so a start of 0.25 must come back as the same gradient plus 0.25 in every entry.
-  layer_case c;
-  c.mode = covariance::full;
-  c.transition = transition_kind::weights;
-  c.in_channels = 19;
-  c.act = bkn::activation::none;
-  c.lay = layout::nc;
-  c.shape = {10, 9, 1, 1};
+  const layer_case c = full_mode_linear_layer(19, {10, 9, 1, 1});
   check_layer(c);
 
   layer_problem s(c);

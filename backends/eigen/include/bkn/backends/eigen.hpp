@@ -81,10 +81,10 @@ inline constexpr index_t eigen_parallel_pooled_values = 64;
 /// The team of a pass over `x` in statistics groups of `group_size` samples.
 inline int eigen_team(const eigen_backend& backend, const tensor_shape& x,
                       index_t group_size) noexcept {
-  const index_t elements = x.elements(), pooled = group_size * x.height * x.width;
-  if (pooled >= eigen_parallel_pooled_values && elements >= backend.parallel_min_elements / 4)
-    return backend.threads > 1 ? backend.threads : 1;
-  return eigen_team(backend, elements);
+  const bool pools_many = group_size * x.height * x.width >= eigen_parallel_pooled_values;
+  const index_t floor = pools_many ? backend.parallel_min_elements / 4
+                                   : backend.parallel_min_elements;
+  return backend.threads > 1 && x.elements() >= floor ? backend.threads : 1;
 }
 
 /// Calls f(part) for every part in [0, team), on `team` threads when OpenMP is there. The parts,
