@@ -529,25 +529,37 @@ TEST_CASE_TEMPLATE("a block's shift far from its mean: the squares summed again 
   // summed again. Shapes: rows of 1x1 pixels (the first 8 off), 2x2 planes (the first 4 off;
   // NCHW: one block of 1024 samples, summed twice as the first block of short planes is) and
   // 8x8 planes (the first 16 off; NCHW: two blocks of 64 samples); three channels all off (the
-  // whole block again) and 16 with one off (that channel alone).
+  // whole block again) and 16 with one off (that channel alone). Wide rows (1024 and 1027
+  // channels, read eight rows side by side in blocks of 128 rows, several per thread) whose
+  // mean jumps by 100 standard deviations after the first block, in one channel or in every
+  // other one: later blocks are summed about a mean so far that lies far from theirs, and
+  // merged with blocks whose means differ. (At 128 rows a block's squares about a shift 100
+  // deviations off lose less than the tolerance: the jumps check the sums and the merges.)
   struct shape_case {
     bkn::tensor_shape shape;
     index_t off_pixels;  // the first pixels, sample by sample
+    index_t jump_row;    // the samples from this one on, where not 0
   };
-  for (const shape_case& sc : {shape_case{{4096, 3, 1, 1}, 8}, shape_case{{4096, 16, 1, 1}, 8},
-                               shape_case{{1024, 3, 2, 2}, 4}, shape_case{{1024, 16, 2, 2}, 4},
-                               shape_case{{128, 3, 8, 8}, 16}, shape_case{{128, 16, 8, 8}, 16}}) {
+  for (const shape_case& sc :
+       {shape_case{{4096, 3, 1, 1}, 8, 0}, shape_case{{4096, 16, 1, 1}, 8, 0},
+        shape_case{{1024, 3, 2, 2}, 4, 0}, shape_case{{1024, 16, 2, 2}, 4, 0},
+        shape_case{{128, 3, 8, 8}, 16, 0}, shape_case{{128, 16, 8, 8}, 16, 0},
+        shape_case{{640, 1024, 1, 1}, 0, 128}, shape_case{{640, 1027, 1, 1}, 0, 128}}) {
     const bkn::tensor_shape& s = sc.shape;
     const index_t C = s.channels, S = s.spatial();
-    const auto off = [&](index_t c) { return C == 3 || c == 5; };
+    const auto off = [&](index_t c) { return C == 3 || c == 5 || (C == 1027 && c % 2 == 0); };
+    const auto shift = [&](index_t n, index_t c, index_t p) {
+      if (!off(c)) return 0.0;
+      if (sc.jump_row > 0) return n >= sc.jump_row ? 100.0 : 0.0;
+      return n * S + p < sc.off_pixels ? 1000.0 : 0.0;
+    };
     std::mt19937_64 rng(11);
     std::normal_distribution<double> normal;
     std::vector<float> values(static_cast<std::size_t>(s.elements()));
     for (index_t n = 0; n < s.batch; ++n)
       for (index_t c = 0; c < C; ++c)
         for (index_t p = 0; p < S; ++p)
-          values[logical_index(s, n, c, p)] =
-              float(1e4 + normal(rng) + (off(c) && n * S + p < sc.off_pixels ? 1000.0 : 0.0));
+          values[logical_index(s, n, c, p)] = float(1e4 + normal(rng) + shift(n, c, p));
     std::vector<double> want_mean(C), want_var(C);  // two passes in double
     for (index_t c = 0; c < C; ++c) {
       double sum = 0, squares = 0;

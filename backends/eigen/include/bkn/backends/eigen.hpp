@@ -810,13 +810,14 @@ welford<double> eigen_block_statistics(const Segments& segments) {
 }
 
 /// Rows per block of the channels-last statistics: about eigen_rows_block_values values (a
-/// block's per-channel merge, in double, is paid once per block), 32 to eigen_block_values rows
-/// (float sums of at most that many values per channel). At 16 rows of 4096 channels the
-/// merges took 30% of moments (perf); larger blocks of narrow rows were slower when each block
-/// was read twice (NHWC 32x64x56x56).
+/// block's per-channel merge, in double, is paid once per block), 128 to eigen_block_values
+/// rows (float sums of at most that many values per channel). Rows of more than 512 channels
+/// take 128: at 32 rows of 4096 channels the merges took a fifth of moments (perf), and
+/// moments NC 1024x4096 was 1.3-1.5x slower; larger blocks of narrow rows were slower when
+/// each block was read twice (NHWC 32x64x56x56).
 inline constexpr index_t eigen_rows_block_values = index_t(1) << 16;
 inline index_t eigen_rows_block(index_t channels) noexcept {
-  return std::clamp<index_t>(eigen_rows_block_values / std::max<index_t>(channels, 1), 32,
+  return std::clamp<index_t>(eigen_rows_block_values / std::max<index_t>(channels, 1), 128,
                              eigen_block_values);
 }
 /// Values of a tensor per block of whole samples on short planes (moments and sums; sums read
