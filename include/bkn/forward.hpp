@@ -15,8 +15,9 @@ namespace detail {
 /// functor, see steps.hpp). The variance takes the observed part with Bessel's correction when
 /// asked. A non-finite estimate leaves the channel's moving averages as they were. `full`: the
 /// covariances are C x C matrices per group (their diagonals are read); `unit_gain`: q = 1
-/// (no prior), `gain` unread.
-template <class P, bool full = false, bool unit_gain = false>
+/// (no prior), `gain` unread; `channel_gain`: one gain per channel, the same in every group
+/// (kalman_step's), at gain[c].
+template <class P, bool full = false, bool unit_gain = false, bool channel_gain = false>
 struct running_update_op {
   const P *post_mean, *post_cov, *obs_cov, *gain;  // gain: null is q = 1
   index_t groups, channels;
@@ -27,14 +28,18 @@ struct running_update_op {
 
   static constexpr int sums = 2;
   BKN_HOST_DEVICE index_t group_count() const { return groups; }
-  BKN_HOST_DEVICE void add(index_t g, index_t c, double* acc, index_t stride) const {
+  // Forced inline: GCC left a fourth instantiation's calls in the eigen backend's loop over
+  // the channels (forward_BKN-identity on NC 2x1024 1.7x slower).
+  BKN_HOST_DEVICE BKN_FORCE_INLINE void add(index_t g, index_t c, double* acc,
+                                            index_t stride) const {
     const index_t i = g * channels + c;
     const index_t d = full ? i * channels + c : i;
     acc[0] += double(post_mean[i]);
-    const double q = unit_gain ? 1.0 : gain_at(gain, i);
+    const double q = unit_gain ? 1.0 : gain_at(gain, channel_gain ? c : i);
     acc[stride] += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
   }
-  BKN_HOST_DEVICE void finish(index_t c, const double* acc, index_t stride) const {
+  BKN_HOST_DEVICE BKN_FORCE_INLINE void finish(index_t c, const double* acc,
+                                               index_t stride) const {
     using std::isfinite;
     const double m = acc[0] / double(groups), v = acc[stride] / double(groups);
     // Selects rather than branches (the same values): a compiler can vectorize them.
@@ -246,18 +251,21 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
                            detail::groups_of(y, g0, n, group_size), group_size, part(prior),
                            observed, part(s.predicted), posterior, wp);
     if (!track) continue;
-    const auto moving_averages = [&](auto op, gaussian_view<const P> estimate) {
-      op = {estimate.mean.data(), estimate.cov.data(), observed.cov.data(), wp.gain.data(),
+    const auto moving_averages = [&](auto op, gaussian_view<const P> estimate, span<P> gain) {
+      op = {estimate.mean.data(), estimate.cov.data(), observed.cov.data(), gain.data(),
             G, C, opt.momentum, bessel_excess, L.running.mean.data(), L.running.var.data(),
             skipped};
       detail::sum_chunk(backend, C, op, w.carry, g0, n, G);
     };
     if (prior.empty() && !full)  // batch normalization: q = 1, the observed statistics
-      moving_averages(detail::running_update_op<P, false, true>(), observed);
+      moving_averages(detail::running_update_op<P, false, true>(), observed, wp.gain);
     else if (full)
-      moving_averages(detail::running_update_op<P, true>(), posterior);
+      moving_averages(detail::running_update_op<P, true>(), posterior, wp.gain);
+    else if (detail::one_kalman_pass(opt, A))  // kalman_step's gains, one per channel
+      moving_averages(detail::running_update_op<P, false, false, true>(), posterior,
+                      wp.dmean_predicted);
     else
-      moving_averages(detail::running_update_op<P>(), posterior);
+      moving_averages(detail::running_update_op<P>(), posterior, wp.gain);
   }
 }
 

@@ -550,7 +550,8 @@ struct batch_posterior_op {
 /// rounded to P where those store it, so the same values (the gains' slopes, which only
 /// backward reads, are left to backward's own gains). Every per-channel input is an array
 /// (ones, zeros, the channel's gain), so the loop has no branch and vectorizes; the groups'
-/// arrays are walked once rather than four times.
+/// arrays are walked once rather than four times. The gains, the same in every group, are not
+/// copied per (g, c): the moving averages read them per channel.
 template <class P>
 struct kalman_step_op {
   const P *scale, *noise_variance;  // per channel: A's diagonal (ones: identity), softplus(noise)
@@ -561,7 +562,7 @@ struct kalman_step_op {
   const P *gamma, *beta;            // per channel: ones and zeros where the layer has none
   index_t channels;
   double epsilon;
-  P *pred_mean, *pred_var, *gain, *post_mean, *post_var, *a, *k;
+  P *pred_mean, *pred_var, *post_mean, *post_var, *a, *k;
 
   BKN_HOST_DEVICE index_t grid_width() const { return channels; }
   BKN_HOST_DEVICE void operator()(index_t i) const { at(i / channels, i % channels); }
@@ -574,7 +575,6 @@ struct kalman_step_op {
     pred_mean[i] = mean;
     pred_var[i] = var;
     const P q = channel_gain[c];
-    gain[i] = q;
     const auto post = math::kalman_update<double>({double(mean), double(var)},
                                                   {double(obs_mean[i]), double(obs_var[i])},
                                                   double(q));
@@ -749,7 +749,8 @@ bool one_kalman_pass(const options& opt, const transition<P>& A) {
 /// the groups (kalman_step_op), where one_kalman_pass holds. Its per-channel inputs go to
 /// arrays of C that forward leaves free: ones in w.b, zeros and R's diagonal in w.sum_dy_centred
 /// and w.sum_dy (predict_inputs), the sigmoids in w.dq and w.dmean (gain_rows), the gains of
-/// one row in w.dmean_predicted (gain_op's slopes in w.dcov_predicted, unread).
+/// one row in w.dmean_predicted (gain_op's slopes in w.dcov_predicted, unread): the gains that
+/// forward's moving averages read, per channel, after it (not w.gain).
 template <class Backend, class P>
 void kalman_step(const Backend& backend, const options& opt, const parameters<P>& p,
                  gaussian_view<const P> prior, gaussian_view<const P> observed,
@@ -781,7 +782,6 @@ void kalman_step(const Backend& backend, const options& opt, const parameters<P>
                                 opt.epsilon,
                                 predicted.mean.data(),
                                 predicted.cov.data(),
-                                w.gain.data(),
                                 posterior.mean.data(),
                                 posterior.cov.data(),
                                 w.a.data(),
