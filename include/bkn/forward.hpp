@@ -11,13 +11,17 @@
 BKN_BEGIN_NAMESPACE
 namespace detail {
 
+/// Where the moving averages find the gain q of (g, c): nowhere, q = 1 (no prior; `gain`
+/// unread); at gain[g * C + c]; or at gain[c], one per channel, the same in every group
+/// (kalman_step's).
+enum class gain_source { unit, per_group, per_channel };
+
 /// Moving averages from the posterior, per channel, averaged over the groups (a group-sum
 /// functor, see steps.hpp). The variance takes the observed part with Bessel's correction when
 /// asked. A non-finite estimate leaves the channel's moving averages as they were. `full`: the
-/// covariances are C x C matrices per group (their diagonals are read); `unit_gain`: q = 1
-/// (no prior), `gain` unread; `channel_gain`: one gain per channel, the same in every group
-/// (kalman_step's), at gain[c].
-template <class P, bool full = false, bool unit_gain = false, bool channel_gain = false>
+/// covariances are C x C matrices per group (their diagonals are read). `gains` says where
+/// q is (gain_source).
+template <class P, bool full = false, gain_source gains = gain_source::per_group>
 struct running_update_op {
   const P *post_mean, *post_cov, *obs_cov, *gain;  // gain: null is q = 1
   index_t groups, channels;
@@ -35,7 +39,9 @@ struct running_update_op {
     const index_t i = g * channels + c;
     const index_t d = full ? i * channels + c : i;
     acc[0] += double(post_mean[i]);
-    const double q = unit_gain ? 1.0 : gain_at(gain, channel_gain ? c : i);
+    const double q = gains == gain_source::unit          ? 1.0
+                     : gains == gain_source::per_channel ? gain_at(gain, c)
+                                                         : gain_at(gain, i);
     acc[stride] += double(post_cov[d]) + q * bessel_excess * double(obs_cov[d]);
   }
   BKN_HOST_DEVICE BKN_FORCE_INLINE void finish(index_t c, const double* acc,
@@ -258,12 +264,13 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
       detail::sum_chunk(backend, C, op, w.carry, g0, n, G);
     };
     if (prior.empty() && !full)  // batch normalization: q = 1, the observed statistics
-      moving_averages(detail::running_update_op<P, false, true>(), observed, wp.gain);
+      moving_averages(detail::running_update_op<P, false, detail::gain_source::unit>(), observed,
+                      wp.gain);
     else if (full)
       moving_averages(detail::running_update_op<P, true>(), posterior, wp.gain);
     else if (detail::one_kalman_pass(opt, A))  // kalman_step's gains, one per channel
-      moving_averages(detail::running_update_op<P, false, false, true>(), posterior,
-                      wp.dmean_predicted);
+      moving_averages(detail::running_update_op<P, false, detail::gain_source::per_channel>(),
+                      posterior, detail::kalman_step_gains(wp));
     else
       moving_averages(detail::running_update_op<P>(), posterior, wp.gain);
   }

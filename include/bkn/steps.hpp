@@ -745,12 +745,18 @@ bool one_kalman_pass(const options& opt, const transition<P>& A) {
          (A.kind == transition_kind::identity || A.kind == transition_kind::diagonal);
 }
 
+/// Where kalman_step leaves its gains, one per channel (the same in every group), for forward's
+/// moving averages to read after it: w.dmean_predicted, free until backward.
+template <class P>
+span<P> kalman_step_gains(const layer_workspace<P>& w) {
+  return w.dmean_predicted;
+}
+
 /// predict, compute_gains, update and normalize's coefficients (into w.a, w.k) in one pass over
 /// the groups (kalman_step_op), where one_kalman_pass holds. Its per-channel inputs go to
 /// arrays of C that forward leaves free: ones in w.b, zeros and R's diagonal in w.sum_dy_centred
 /// and w.sum_dy (predict_inputs), the sigmoids in w.dq and w.dmean (gain_rows), the gains of
-/// one row in w.dmean_predicted (gain_op's slopes in w.dcov_predicted, unread): the gains that
-/// forward's moving averages read, per channel, after it (not w.gain).
+/// one row in kalman_step_gains(w) (gain_op's slopes in w.dcov_predicted, unread).
 template <class Backend, class P>
 void kalman_step(const Backend& backend, const options& opt, const parameters<P>& p,
                  gaussian_view<const P> prior, gaussian_view<const P> observed,
@@ -766,14 +772,14 @@ void kalman_step(const Backend& backend, const options& opt, const parameters<P>
   const P* ones = w.b.data();
   K::for_each(backend, C,
               gain_rows(backend, opt, p.gain_logit, C, static_cast<const P*>(nullptr),
-                        w.dmean_predicted.data(), w.dcov_predicted.data(), w));
+                        kalman_step_gains(w).data(), w.dcov_predicted.data(), w));
   K::for_each(backend, G * C,
               kalman_step_op<P>{identity ? ones : p.transition.weights.data(),
                                 in.noise_variance,
                                 prior.mean.data(),
                                 prior.cov.data(),
                                 prior.groups == 1 ? 0 : C,
-                                w.dmean_predicted.data(),
+                                kalman_step_gains(w).data(),
                                 observed.mean.data(),
                                 observed.cov.data(),
                                 p.gamma.empty() ? ones : p.gamma.data(),

@@ -308,7 +308,7 @@ void update_running(const Backend& backend, const running_statistics<P>& r, span
   if (r.mean.empty()) return;
   if (r.skipped.empty()) K::for_each(backend, channels, fill_op<P>{sink.data(), P(0)});
   K::for_each(backend, channels,
-              running_update_op<P, false, true>{
+              running_update_op<P, false, gain_source::unit>{
                   mean.data(), var.data(), var.data(), nullptr, groups, channels, momentum,
                   bessel_excess, r.mean.data(), r.var.data(),
                   r.skipped.empty() ? sink.data() : r.skipped.data()});
