@@ -469,6 +469,22 @@ TEST_CASE("gradients of one layer: a dense A larger than one tile of its kernels
       }
 }
 
+TEST_CASE("gradients of one layer: a per-layer gain summed over more channels than one pass") {
+  // A per-layer gain's gradient sums its per-channel parts eight channels at a time, then the
+  // last C mod 8 (scalar_gain_gradient_op): C = 21 is two blocks of eight and a tail of five,
+  // and C = 8 one block without a tail.
+  for (const covariance mode : kModes)
+    for (const index_t channels : {index_t(8), index_t(21)}) {
+      layer_case c;
+      c.mode = mode;
+      c.prior = prior_kind::shared;
+      c.lay = layout::nc;
+      c.shape = {4, channels, 1, 1};
+      c.group_size = 2;
+      check_layer(c);
+    }
+}
+
 TEST_CASE("gradients of one layer: one value per channel and group (m = 1) with a prior") {
   // Batch statistics carry no information at m = 1 (S = 0); the prior keeps the variance
   // p v_pred + p q d^2 positive, and every gradient must still be right.

@@ -104,7 +104,7 @@ using evaluation_t = std::conditional_t<std::is_same_v<P, float>, float, double>
 
 /// q = sigmoid(theta), computed without overflow for any theta, branch-free.
 template <class A>
-BKN_HOST_DEVICE inline A sigmoid(A theta) {
+BKN_HOST_DEVICE BKN_FORCE_INLINE A sigmoid(A theta) {
   if constexpr (std::is_same_v<A, float>) {
     const float e = exp_nonpositive(theta >= 0 ? -theta : theta);
     return (theta >= 0 ? 1.0f : e) / (1.0f + e);
@@ -122,7 +122,7 @@ BKN_HOST_DEVICE inline A sigmoid(A theta) {
 /// r = softplus(rho) = log(1 + exp(rho)) > 0, without overflow, branch-free; its derivative is
 /// sigmoid(rho).
 template <class A>
-BKN_HOST_DEVICE inline A softplus(A rho) {
+BKN_HOST_DEVICE BKN_FORCE_INLINE A softplus(A rho) {
   if constexpr (std::is_same_v<A, float>) {
     return (rho > 0 ? rho : 0.0f) + log1p_unit(exp_nonpositive(rho > 0 ? -rho : rho));
   } else if constexpr (sizeof(A) <= sizeof(double)) {
