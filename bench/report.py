@@ -530,7 +530,9 @@ def machine_section(meta, context):
         ("date", meta.get("date", context.get("date", "?"))),
         ("commit", meta.get("commit", "?")),
         ("CPU", f"{m.get('cpu', '?')}; {context.get('num_cpus', '?')} CPUs at "
-                f"{context.get('mhz_per_cpu', '?')} MHz (as Google Benchmark reads it)"),
+                f"{context.get('mhz_per_cpu', '?')} MHz (as Google Benchmark reads it)"
+                + (f"; widest vector instructions: {m['isa']} (/proc/cpuinfo)" if "isa" in m
+                   else "")),
         ("caches", m.get("caches", "?")),
         ("load average", f"{meta.get('load_before', '?')} before, {meta.get('load_after', '?')} "
                          f"after the run"),

@@ -86,13 +86,20 @@ if [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then
   commit="$commit plus uncommitted changes"
 fi
 cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
+# The widest vector instructions the CPU exposes (-march=native builds for them): a VM may hide
+# AVX-512 on a CPU that has it, and bkn's vectors and the peers' kernels follow.
+flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+isa=?
+for candidate in avx512f avx2 avx sse2; do
+  if [[ $flags == *" $candidate "* ]]; then isa=$candidate; break; fi
+done
 caches="L1d $(getconf LEVEL1_DCACHE_SIZE 2>/dev/null || echo ?) B, L2 $(getconf LEVEL2_CACHE_SIZE 2>/dev/null || echo ?) B, L3 $(getconf LEVEL3_CACHE_SIZE 2>/dev/null || echo ?) B (getconf)"
 compiler=$(c++ --version 2>/dev/null | head -1)
 invocation="./tools/bench.sh"
 $quick && invocation+=" --quick"
 shown=$(printf '%q ' "${cmd[@]}")
 BKN_META_COMMAND="$invocation, which runs: ${OMP_WAIT_POLICY:+OMP_WAIT_POLICY=$OMP_WAIT_POLICY }${shown% }" \
-BKN_META_COMMIT="$commit" BKN_META_CPU="${cpu:-?}" BKN_META_CACHES="$caches" \
+BKN_META_COMMIT="$commit" BKN_META_CPU="${cpu:-?}" BKN_META_ISA="$isa" BKN_META_CACHES="$caches" \
 BKN_META_COMPILER="${compiler:-?}" BKN_META_LOAD_BEFORE="$load_before" \
 BKN_META_LOAD_AFTER="$load_after" BKN_META_SECONDS="$seconds" BKN_META_COUNT="$count" \
 BKN_META_REPETITIONS="$repetitions" BKN_META_MIN_TIME="$min_time" BKN_META_NOTE="$note" \
@@ -103,7 +110,7 @@ s = int(e["BKN_META_SECONDS"])
 meta = {
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "command": e["BKN_META_COMMAND"], "commit": e["BKN_META_COMMIT"],
-    "machine": {"cpu": e["BKN_META_CPU"], "caches": e["BKN_META_CACHES"],
+    "machine": {"cpu": e["BKN_META_CPU"], "isa": e["BKN_META_ISA"], "caches": e["BKN_META_CACHES"],
                 "compiler": e["BKN_META_COMPILER"]},
     "load_before": e["BKN_META_LOAD_BEFORE"], "load_after": e["BKN_META_LOAD_AFTER"],
     "duration": f"{s // 60} min {s % 60} s", "count": int(e["BKN_META_COUNT"]),
