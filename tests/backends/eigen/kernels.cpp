@@ -596,6 +596,81 @@ TEST_CASE_TEMPLATE("a block's shift far from its mean: the squares summed again 
   }
 }
 
+TEST_CASE_TEMPLATE("wide rows: affine over rows side by side, streamed or not, any alignment", T,
+                   float, double) {
+  // Rows whose coefficients outgrow L1 are walked eight side by side, a cache line of each row
+  // at a time after single packets up to a line boundary; outputs of 8 MiB or more are written
+  // with streaming stores, side by side only where every row starts on a packet (C = 1544, a
+  // multiple of 8: a packet after the last whole line under SSE and AVX), else row by row
+  // (C = 1501, a scalar tail). A view that starts 1, 2 or 3 packets past a line boundary takes
+  // the leading packets, and one element past it (unaligned rows) the row-by-row path.
+  constexpr index_t L = bkn::detail::eigen_lanes<T>;
+  for (const index_t C : {index_t(1501), index_t(1544)}) {
+    CAPTURE(C);
+    std::mt19937_64 rng(7);
+    std::normal_distribution<double> normal;
+    std::vector<T> a(C), m(C), k(C), b(C);
+    for (index_t c = 0; c < C; ++c) {
+      a[c] = T(normal(rng));
+      m[c] = T(normal(rng));
+      k[c] = T(normal(rng));
+      b[c] = T(normal(rng));
+    }
+    const bool streamed_sizes[] = {false, true};
+    for (const bool streamed : streamed_sizes) {
+      // Just over 8 MiB of output streams.
+      const index_t N = streamed ? index_t(((std::size_t(8) << 20) / sizeof(T)) / C + 1) : 40;
+      REQUIRE((std::size_t(N * C) * sizeof(T) >= (std::size_t(8) << 20)) == streamed);
+      std::vector<T> u(std::size_t(N * C)), v(u.size());
+      for (auto& e : u) e = T(normal(rng));
+      for (auto& e : v) e = T(normal(rng));
+      for (const index_t shift : {index_t(0), L, 2 * L, 3 * L, index_t(1)})
+        for (const bool with_v : {false, true})
+          for (const int threads : {1, 2}) {
+            CAPTURE(streamed);
+            CAPTURE(shift);
+            CAPTURE(with_v);
+            CAPTURE(threads);
+            // The view starts `shift` elements past a 64-byte boundary; NaN around it.
+            const std::size_t guard = 64;
+            std::vector<T> buffer(std::size_t(N * C) + 2 * guard + 64,
+                                  std::numeric_limits<T>::quiet_NaN());
+            T* base = buffer.data() + guard;
+            while (reinterpret_cast<std::uintptr_t>(base) % 64 != 0) ++base;
+            T* out = base + shift;
+            const bkn::eigen_backend backend{threads, 1};
+            const auto in = [&](const std::vector<T>& values) {
+              return bkn::nc(static_cast<const T*>(values.data()), N, C);
+            };
+            eigen::affine<T, T>(backend, bkn::nc(out, N, C), in(u), bkn::span<const T>(a),
+                                bkn::span<const T>(m), with_v ? in(v) : bkn::tensor_view<const T>(),
+                                with_v ? bkn::span<const T>(b) : bkn::span<const T>(),
+                                bkn::span<const T>(k), N);
+            double worst = 0;
+            for (index_t n = 0; n < N; ++n)
+              for (index_t c = 0; c < C; ++c) {
+                const std::size_t e = std::size_t(n * C + c);
+                const double au = double(a[c]) * (double(u[e]) - double(m[c]));
+                const double bv = with_v ? double(b[c]) * double(v[e]) : 0.0;
+                const double want = au + double(k[c]) + bv;
+                const double tol = 4 * std::numeric_limits<T>::epsilon() *
+                                   (std::abs(au) + std::abs(double(k[c])) + std::abs(bv) +
+                                    std::abs(double(u[e])) * std::abs(double(a[c])));
+                const double err = std::abs(double(out[e]) - want);
+                worst = std::max(worst, std::isnan(err) ? 1e300 : err / tol);
+              }
+            CHECK(worst <= 1.0);
+            bool around_intact = true;
+            for (T* p = buffer.data(); p < out; ++p)
+              around_intact = around_intact && std::isnan(*p);
+            for (T* p = out + N * C; p < buffer.data() + buffer.size(); ++p)
+              around_intact = around_intact && std::isnan(*p);
+            CHECK(around_intact);
+          }
+    }
+  }
+}
+
 TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<float, float>,
                    types<float, double>, types<double, float>, types<double, double>) {
   using T = typename Types::T;

@@ -1525,16 +1525,34 @@ void eigen_affine_rows(T* out, index_t out_row, const T* u, index_t u_row, const
       const T* vr = v ? v + r0 * v_row : nullptr;
       T* o = out + r0 * out_row;
       index_t j = 0;
-      for (; j + L <= C; j += L) {
-        const packet pa = ploadu<packet>(a + j), pm = ploadu<packet>(m + j),
-                     pk = ploadu<packet>(k + j);
-        const packet pb = vr ? ploadu<packet>(b + j) : pk;
-        for (index_t r = 0; r < n; ++r) {
-          packet res = pmadd(psub(ploadu<packet>(ur + r * u_row + j), pm), pa, pk);
-          if (vr) res = padd(res, pmul(ploadu<packet>(vr + r * v_row + j), pb));
-          eigen_store<stream>(o + r * out_row + j, res);
+      // `count` packets of each row, then of the next row, each packet's coefficients loaded
+      // once for all of them.
+      const auto packets = [&](auto count) {
+        constexpr index_t w = decltype(count)::value;
+        packet pa[w], pm[w], pk[w], pb[w];
+        for (index_t q = 0; q < w; ++q) {
+          pa[q] = ploadu<packet>(a + j + q * L);
+          pm[q] = ploadu<packet>(m + j + q * L);
+          pk[q] = ploadu<packet>(k + j + q * L);
+          pb[q] = vr ? ploadu<packet>(b + j + q * L) : pk[q];
         }
-      }
+        for (index_t r = 0; r < n; ++r)
+          for (index_t q = 0; q < w; ++q) {
+            const index_t i = j + q * L;
+            packet res = pmadd(psub(ploadu<packet>(ur + r * u_row + i), pm[q]), pa[q], pk[q]);
+            if (vr) res = padd(res, pmul(ploadu<packet>(vr + r * v_row + i), pb[q]));
+            eigen_store<stream>(o + r * out_row + i, res);
+          }
+        j += w * L;
+      };
+      // A whole cache line of a row before the next row: streaming stores of half a line
+      // (AVX2's 32-byte packets) that moved on to the next row left the eight rows'
+      // write-combining buffers half full, and affine on NC 1024x4096 took twice copy's time.
+      constexpr index_t line = std::max<index_t>(1, index_t(64 / (L * sizeof(T))));
+      while (j + L <= C && reinterpret_cast<std::uintptr_t>(o + j) % 64 != 0)
+        packets(std::integral_constant<index_t, 1>());
+      while (j + line * L <= C) packets(std::integral_constant<index_t, line>());
+      while (j + L <= C) packets(std::integral_constant<index_t, 1>());
       for (; j < C; ++j)
         for (index_t r = 0; r < n; ++r) {
           const T t = (ur[r * u_row + j] - m[j]) * a[j] + k[j];
