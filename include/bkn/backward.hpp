@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "bkn/detail/lanes.hpp"
 #include "bkn/forward.hpp"
 
 BKN_BEGIN_NAMESPACE
@@ -218,8 +219,7 @@ struct scalar_gain_gradient_op {
     index_t c = 0;
     for (; c + 8 <= channels; c += 8)
       for (index_t l = 0; l < 8; ++l) partial[l] += double(per_channel[c + l]);
-    double s = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-               ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+    double s = lane_sum(partial);
     for (; c < channels; ++c) s += double(per_channel[c]);
     dgain[0] = P(s);
   }

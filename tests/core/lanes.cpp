@@ -74,6 +74,7 @@ TEST_CASE("lanes: lane_sum adds the lanes pairwise, in one order") {
   const d::lanes x = d::load_lanes(v);
   const double pairwise = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
   CHECK(d::lane_sum(x) == pairwise);
+  CHECK(d::lane_sum(v) == pairwise);  // a plain array of eight, in the same order
   double left_to_right = 0;
   for (const double value : v) left_to_right += value;
   CHECK(pairwise != left_to_right);  // the case tells the orders apart

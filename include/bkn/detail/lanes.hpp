@@ -143,8 +143,10 @@ BKN_HOST_DEVICE inline void store_lanes(P* p, const lanes& d) {
 
 BKN_HOST_DEVICE inline double lane(const lanes& v, index_t l) { return v[l]; }
 
-/// The eight lanes summed pairwise: ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).
-BKN_HOST_DEVICE inline double lane_sum(const lanes& v) {
+/// The eight lanes (of `lanes`, or of a plain array of eight doubles) summed pairwise:
+/// ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).
+template <class Eight>
+BKN_HOST_DEVICE inline double lane_sum(const Eight& v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
