@@ -40,7 +40,8 @@ struct running_statistics {
   span<P> mean;
   span<P> var;
   /// Optional, C: a training forward adds 1 for each channel whose update it skipped because
-  /// the batch's estimate was NaN or Inf (the moving averages are then left as they were).
+  /// the batch's estimate was NaN or Inf, or beyond P's range (the moving averages are then
+  /// left as they were).
   span<P> skipped;
 };
 

@@ -102,6 +102,35 @@ TEST_CASE("reliability: a non-finite estimate skips its channel's moving average
   CHECK(p.st.running_mean[1] != mean_before[1]);
 }
 
+TEST_CASE("reliability: an estimate beyond float's range skips its moving averages too") {
+  // Channel 1 at +-f, half and half in each group of 8 values: mean 0, biased variance f^2 (a
+  // float), unbiased f^2 8 / 7, finite in double: above FLT_MAX for f = 1.8e19, below it for
+  // f = 1.6e19.
+  problem p;
+  p.opt.momentum = 0.5;
+  const auto run = [&](float f) {
+    for (index_t n = 0; n < problem::N; ++n)
+      for (index_t s = 0; s < problem::H * problem::W; ++s)
+        p.at(p.x, n, 1, s) = (n + s) % 2 ? f : -f;
+    p.forward();
+    return double(f) * double(f) * 8 / 7;
+  };
+  const std::vector<float> var_before = p.st.running_var;
+  const double max = double(std::numeric_limits<float>::max());
+  SUBCASE("beyond: skipped and counted") {
+    REQUIRE(run(1.8e19f) > max);
+    CHECK(p.st.running_var[1] == var_before[1]);
+    CHECK(p.st.running_skipped == std::vector<float>{0, 1, 0});
+  }
+  SUBCASE("within: averaged") {
+    const double unbiased = run(1.6e19f);
+    REQUIRE(unbiased < max);
+    const double expected = 0.5 * double(var_before[1]) + 0.5 * unbiased;
+    CHECK(std::abs(double(p.st.running_var[1]) - expected) <= 1e-6 * expected);
+    CHECK(p.st.running_skipped == std::vector<float>{0, 0, 0});
+  }
+}
+
 TEST_CASE("reliability: the opt-in finite check names the first non-finite element, writes nothing") {
   problem p;
   p.opt.check_finite = true;
