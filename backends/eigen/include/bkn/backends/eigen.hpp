@@ -988,20 +988,20 @@ void eigen_few_rows_moments(const T* const* rows, index_t n, index_t C, T* mean,
   using namespace Eigen::internal;
   using packet = eigen_packet<T>;
   constexpr index_t L = eigen_lanes<T>;
-  const packet count = pset1<packet>(T(n));
+  const packet inverse_count = pset1<packet>(T(1) / T(n));
   index_t c = 0;
   for (; c + L <= C; c += L) {
     const packet first = ploadu<packet>(rows[0] + c);
     packet sum = pset1<packet>(T(0));
     for (index_t r = 1; r < n; ++r) sum = padd(sum, psub(ploadu<packet>(rows[r] + c), first));
-    const packet m = padd(first, pdiv(sum, count));
+    const packet m = pmadd(sum, inverse_count, first);
     packet squares = pset1<packet>(T(0));
     for (index_t r = 0; r < n; ++r) {
       const packet d = psub(ploadu<packet>(rows[r] + c), m);
       squares = pmadd(d, d, squares);
     }
     pstoreu(mean + c, m);
-    pstoreu(var + c, pdiv(squares, count));
+    pstoreu(var + c, pmul(squares, inverse_count));
   }
   for (; c < C; ++c) {
     const T first = rows[0][c];
