@@ -671,6 +671,76 @@ TEST_CASE_TEMPLATE("wide rows: affine over rows side by side, streamed or not, a
   }
 }
 
+TEST_CASE_TEMPLATE("planes: affine in blocks of whole planes, groups split evenly or not", T,
+                   float, double) {
+  // Planes of 30x30 (900 values) go four to a block of 4096: a group of 10 samples is cut into
+  // blocks of 3, 3 and 4 planes, a group of 20 or 40 into 5 or 10 blocks of 4. 40 x 64 planes
+  // of floats (9.2 MB) are written with streaming stores; 20 x 8 planes are not.
+  constexpr index_t H = 30, W = 30, S = H * W;
+  struct size_case {
+    index_t N, C;
+  };
+  for (const size_case size : {size_case{20, 8}, size_case{40, 64}}) {
+    const index_t N = size.N, C = size.C;
+    const std::size_t E = std::size_t(N * C * S);
+    CAPTURE(N);
+    std::mt19937_64 rng(11);
+    std::normal_distribution<double> normal;
+    std::vector<T> u(E), v(E);
+    for (auto& e : u) e = T(normal(rng));
+    for (auto& e : v) e = T(normal(rng));
+    for (const index_t group_size : {N, index_t(10)}) {
+      const index_t G = N / group_size;
+      std::vector<T> a(std::size_t(G * C)), m(a.size()), k(a.size()), b(a.size());
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        a[i] = T(normal(rng));
+        m[i] = T(normal(rng));
+        k[i] = T(normal(rng));
+        b[i] = T(normal(rng));
+      }
+      for (const bool with_v : {false, true})
+        for (const int threads : {1, 2}) {
+          CAPTURE(group_size);
+          CAPTURE(with_v);
+          CAPTURE(threads);
+          const std::size_t guard = 64;
+          std::vector<T> buffer(E + 2 * guard, std::numeric_limits<T>::quiet_NaN());
+          T* out = buffer.data() + guard;
+          const auto in = [&](const std::vector<T>& values) {
+            return bkn::nchw(static_cast<const T*>(values.data()), N, C, H, W);
+          };
+          eigen::affine<T, T>(bkn::eigen_backend{threads, 1}, bkn::nchw(out, N, C, H, W), in(u),
+                              bkn::span<const T>(a), bkn::span<const T>(m),
+                              with_v ? in(v) : bkn::tensor_view<const T>(),
+                              with_v ? bkn::span<const T>(b) : bkn::span<const T>(),
+                              bkn::span<const T>(k), group_size);
+          double worst = 0;
+          for (index_t n = 0; n < N; ++n)
+            for (index_t c = 0; c < C; ++c) {
+              const std::size_t g = std::size_t((n / group_size) * C + c);
+              for (index_t s = 0; s < S; ++s) {
+                const std::size_t e = std::size_t((n * C + c) * S + s);
+                const double au = double(a[g]) * (double(u[e]) - double(m[g]));
+                const double bv = with_v ? double(b[g]) * double(v[e]) : 0.0;
+                const double want = au + double(k[g]) + bv;
+                const double tol = 4 * std::numeric_limits<T>::epsilon() *
+                                   (std::abs(au) + std::abs(double(k[g])) + std::abs(bv) +
+                                    std::abs(double(u[e])) * std::abs(double(a[g])));
+                const double err = std::abs(double(out[e]) - want);
+                worst = std::max(worst, std::isnan(err) ? 1e300 : err / tol);
+              }
+            }
+          CHECK(worst <= 1.0);
+          bool around_intact = true;
+          for (std::size_t i = 0; i < guard; ++i)
+            around_intact =
+                around_intact && std::isnan(buffer[i]) && std::isnan(buffer[guard + E + i]);
+          CHECK(around_intact);
+        }
+    }
+  }
+}
+
 TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<float, float>,
                    types<float, double>, types<double, float>, types<double, double>) {
   using T = typename Types::T;
