@@ -459,6 +459,19 @@ std::vector<index_t> group_sizes(index_t batch) {
   return sizes;
 }
 
+/// How far out is from a (u - m) + k (+ b v, with_v), in double, over 4 epsilon of T times the
+/// terms' magnitudes: at most 1 within tolerance; NaN counts as far beyond.
+template <class T>
+double affine_error(T out, T u, T v, T a, T m, T k, T b, bool with_v) {
+  const double au = double(a) * (double(u) - double(m));
+  const double bv = with_v ? double(b) * double(v) : 0.0;
+  const double tol = 4 * std::numeric_limits<T>::epsilon() *
+                     (std::abs(au) + std::abs(double(k)) + std::abs(bv) +
+                      std::abs(double(u)) * std::abs(double(a)));
+  const double err = std::abs(double(out) - (au + double(k) + bv));
+  return std::isnan(err) ? 1e300 : err / tol;
+}
+
 }  // namespace
 
 TEST_CASE_TEMPLATE("eigen kernels agree with the reference backend", Types,
@@ -650,14 +663,8 @@ TEST_CASE_TEMPLATE("wide rows: affine over rows side by side, streamed or not, a
             for (index_t n = 0; n < N; ++n)
               for (index_t c = 0; c < C; ++c) {
                 const std::size_t e = std::size_t(n * C + c);
-                const double au = double(a[c]) * (double(u[e]) - double(m[c]));
-                const double bv = with_v ? double(b[c]) * double(v[e]) : 0.0;
-                const double want = au + double(k[c]) + bv;
-                const double tol = 4 * std::numeric_limits<T>::epsilon() *
-                                   (std::abs(au) + std::abs(double(k[c])) + std::abs(bv) +
-                                    std::abs(double(u[e])) * std::abs(double(a[c])));
-                const double err = std::abs(double(out[e]) - want);
-                worst = std::max(worst, std::isnan(err) ? 1e300 : err / tol);
+                worst = std::max(worst, affine_error(out[e], u[e], v[e], a[c], m[c], k[c], b[c],
+                                                     with_v));
               }
             CHECK(worst <= 1.0);
             bool around_intact = true;
@@ -720,14 +727,8 @@ TEST_CASE_TEMPLATE("planes: affine in blocks of whole planes, groups split evenl
               const std::size_t g = std::size_t((n / group_size) * C + c);
               for (index_t s = 0; s < S; ++s) {
                 const std::size_t e = std::size_t((n * C + c) * S + s);
-                const double au = double(a[g]) * (double(u[e]) - double(m[g]));
-                const double bv = with_v ? double(b[g]) * double(v[e]) : 0.0;
-                const double want = au + double(k[g]) + bv;
-                const double tol = 4 * std::numeric_limits<T>::epsilon() *
-                                   (std::abs(au) + std::abs(double(k[g])) + std::abs(bv) +
-                                    std::abs(double(u[e])) * std::abs(double(a[g])));
-                const double err = std::abs(double(out[e]) - want);
-                worst = std::max(worst, std::isnan(err) ? 1e300 : err / tol);
+                worst = std::max(worst, affine_error(out[e], u[e], v[e], a[g], m[g], k[g], b[g],
+                                                     with_v));
               }
             }
           CHECK(worst <= 1.0);
