@@ -145,6 +145,13 @@ inline constexpr index_t eigen_group_sums_values = 2048;
 #else
 #define BKN_EIGEN_SIMD_LOOP
 #endif
+// A lambda whose packets must stay in registers across its caller's loop: inlined even where
+// the compiler's size heuristics would make it a call (GCC did so for tiles of four packets).
+#if defined(__GNUC__)
+#define BKN_EIGEN_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define BKN_EIGEN_INLINE_LAMBDA
+#endif
 
 /// First of the units [0, units) that `part` of `team` owns: contiguous static ranges.
 inline index_t eigen_first_unit(index_t units, int part, int team) noexcept {
@@ -390,6 +397,9 @@ inline constexpr index_t eigen_register_tile = 4;
 /// would go through memory every row, and a 64-byte store that the next row's load must wait
 /// for (split in two by some CPUs, so not forwarded) costs more than the arithmetic.
 inline constexpr index_t eigen_row_group = 8;
+/// Packets of channels that the wide-row sums read side by side over a group of rows: two sums
+/// per packet fill AVX2's 16 vector registers (the centres are read from L1).
+inline constexpr index_t eigen_wide_tile = 8;
 /// Per-channel coefficients of up to this many bytes stay in L1 while rows stream past.
 inline constexpr std::size_t eigen_l1_coefficient_bytes = std::size_t(16) << 10;
 
@@ -648,24 +658,51 @@ void eigen_column_sums(const Term& term, index_t rows, index_t C, const T* centr
       // and the rows' offsets are loop-invariant products.
       const Term block = term.from_row(r0);
       index_t j = 0;
-      const auto rows_of = [&](index_t count) {
-        const packet m = ploadu<packet>(centre + j);
-        packet f = pset1<packet>(T(0)), s = f;
-        if constexpr (sum_u) f = ploadu<packet>(first + j);
-        if constexpr (sum_uv) s = ploadu<packet>(second + j);
-        for (index_t r = 0; r < count; ++r) {
-          packet u, v;
-          block.packet(r, j, m, u, v);
-          eigen_accumulate<sum_u, sum_uv>(f, s, u, v);
-        }
-        if constexpr (sum_u) pstoreu(first + j, f);
-        if constexpr (sum_uv) pstoreu(second + j, s);
+      const auto rows_of = [&](auto packets, index_t count) BKN_EIGEN_INLINE_LAMBDA {
+        constexpr int P = decltype(packets)::value;
+        packet m[P], f[P], s[P];
+        eigen_unrolled<P>([&](auto t) {
+          m[t] = ploadu<packet>(centre + j + t * L);
+          f[t] = s[t] = pset1<packet>(T(0));
+          if constexpr (sum_u) f[t] = ploadu<packet>(first + j + t * L);
+          if constexpr (sum_uv) s[t] = ploadu<packet>(second + j + t * L);
+        });
+        for (index_t r = 0; r < count; ++r)
+          eigen_unrolled<P>([&](auto t) {
+            packet u, v;
+            block.packet(r, j + t * L, m[t], u, v);
+            eigen_accumulate<sum_u, sum_uv>(f[t], s[t], u, v);
+          });
+        eigen_unrolled<P>([&](auto t) {
+          if constexpr (sum_u) pstoreu(first + j + t * L, f[t]);
+          if constexpr (sum_uv) pstoreu(second + j + t * L, s[t]);
+        });
+        j += P * L;
       };
-      for (; j + L <= C; j += L) {
+      const auto tile = [&](auto packets) BKN_EIGEN_INLINE_LAMBDA {
         if (n == R)
-          rows_of(R);
+          rows_of(packets, R);
         else
-          rows_of(n);
+          rows_of(packets, n);
+      };
+      if (C <= eigen_wide_tile * L) {
+        // Rows of at most eight packets go whole, tiles of eight, four, two and one packets
+        // side by side: the rows are read in memory order, and each packet's two chains of
+        // additions (one per row) overlap the others' adder latency. Measured on moments
+        // NHWC 32x64x56x56 (rows of eight packets on AVX2, from memory): 2.7x faster than
+        // packet by packet and 1.6x faster than half rows.
+        const auto fits = [&](auto packets) BKN_EIGEN_INLINE_LAMBDA {
+          if (j + decltype(packets)::value * L <= C) tile(packets);
+        };
+        fits(std::integral_constant<int, int(eigen_wide_tile)>());
+        fits(std::integral_constant<int, 4>());
+        fits(std::integral_constant<int, 2>());
+        fits(std::integral_constant<int, 1>());
+      } else {
+        // Wider rows packet by packet: the centres stay in registers, and successive packets'
+        // chains overlap out of order. Tiles of eight gained nothing from memory (NHWC
+        // 256x512x7x7, NC 1024x4096) and lost up to 1.25x in cache (NC 128x1024).
+        while (j + L <= C) tile(std::integral_constant<int, 1>());
       }
       for (; j < C; ++j)
         for (index_t r = 0; r < n; ++r) {
@@ -2035,3 +2072,4 @@ struct kernels<eigen_backend> {
 BKN_END_NAMESPACE
 
 #undef BKN_EIGEN_SIMD_LOOP
+#undef BKN_EIGEN_INLINE_LAMBDA
