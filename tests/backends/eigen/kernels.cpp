@@ -919,7 +919,7 @@ TEST_CASE("for_each shares large items among threads, each index once") {
 
 TEST_CASE_TEMPLATE("short planes read side by side sum each plane as alone, bit for bit", T, float,
                    double) {
-  // moments and sums read planes of under four packets eigen_side_planes at a time
+  // moments and sums read short planes (eigen_short_plane) eigen_side_planes at a time
   // (eigen_sums_about, eigen_moments_about, eigen_sums_products); every plane's sums must keep the order, and so the
   // bits, of the one-plane reductions, at every length around the packet boundaries.
   namespace d = bkn::detail;
@@ -928,7 +928,7 @@ TEST_CASE_TEMPLATE("short planes read side by side sum each plane as alone, bit 
   std::mt19937 gen(51);
   std::normal_distribution<double> z;
   int compared = 0;
-  for (index_t n = 0; n <= 5 * L + 3; ++n) {
+  for (index_t n = 0; n <= (d::eigen_short_plane_packets + 1) * L + 3; ++n) {
     CAPTURE(n);
     const index_t stride = n + 3;  // planes apart, as channels of an NCHW slice
     std::vector<T> x(std::size_t(side * stride)), dy(x.size());
@@ -965,5 +965,5 @@ TEST_CASE_TEMPLATE("short planes read side by side sum each plane as alone, bit 
       ++compared;
     }
   }
-  CHECK(compared == side * (5 * L + 4));
+  CHECK(compared == side * ((d::eigen_short_plane_packets + 1) * L + 4));
 }
