@@ -680,19 +680,22 @@ TEST_CASE_TEMPLATE("wide rows: affine over rows side by side, streamed or not, a
   }
 }
 
-TEST_CASE_TEMPLATE("planes: affine in blocks of whole planes, groups split evenly or not", T,
+TEST_CASE_TEMPLATE("planes: affine in blocks of whole planes or streamed runs of them", T,
                    float, double) {
   // Planes of 30x30 (900 values) go four to a block of 4096: a group of 10 samples is cut into
   // blocks of 3, 3 and 4 planes, a group of 20 or 40 into 5 or 10 blocks of 4. 40 x 64 planes
-  // of floats (9.2 MB) are written with streaming stores; 20 x 8 planes are not.
-  constexpr index_t H = 30, W = 30, S = H * W;
+  // of floats (9.2 MB) are written with streaming stores; 20 x 8 planes are not. Planes of 7x7
+  // and 3x3 in tensors of 8 MB or more are written as one streamed run over a sample's planes
+  // (eigen_affine_planes_streamed), whose packets straddle two planes at every offset.
   struct size_case {
-    index_t N, C;
+    index_t N, C, H, W;
   };
-  for (const size_case size : {size_case{20, 8}, size_case{40, 64}}) {
-    const index_t N = size.N, C = size.C;
+  for (const size_case size : {size_case{20, 8, 30, 30}, size_case{40, 64, 30, 30},
+                               size_case{40, 1100, 7, 7}, size_case{20, 11700, 3, 3}}) {
+    const index_t N = size.N, C = size.C, H = size.H, W = size.W, S = H * W;
     const std::size_t E = std::size_t(N * C * S);
     CAPTURE(N);
+    CAPTURE(S);
     std::mt19937_64 rng(11);
     std::normal_distribution<double> normal;
     std::vector<T> u(E), v(E);
