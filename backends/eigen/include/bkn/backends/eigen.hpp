@@ -642,18 +642,48 @@ EIGEN_ALWAYS_INLINE void eigen_accumulate(V& first, V& second, const V& u, const
   if constexpr (sum_uv) second = Eigen::internal::pmadd(u, v, second);
 }
 
+/// One tile of P packets from channel j, over `count` rows of a term: each packet's sums
+/// about centre accumulate in registers over all the rows. Seeded, they go on from first and
+/// second and are stored back (the wide rows' blocks of rows, in place); otherwise they start
+/// from zero and are added to first and second at the end. Each keeps its callers' bits.
+template <int P, bool seeded, bool sum_u, bool sum_uv, class T, class Term>
+EIGEN_ALWAYS_INLINE void eigen_column_tile(const Term& term, index_t count, index_t j,
+                                           const T* centre, T* first, T* second) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  packet m[P], f[P], s[P];
+  eigen_unrolled<P>([&](auto t) {
+    m[t] = ploadu<packet>(centre + j + t * L);
+    f[t] = s[t] = pset1<packet>(T(0));
+    if constexpr (seeded && sum_u) f[t] = ploadu<packet>(first + j + t * L);
+    if constexpr (seeded && sum_uv) s[t] = ploadu<packet>(second + j + t * L);
+  });
+  for (index_t r = 0; r < count; ++r)
+    eigen_unrolled<P>([&](auto t) {
+      packet u, v;
+      term.packet(r, j + t * L, m[t], u, v);
+      eigen_accumulate<sum_u, sum_uv>(f[t], s[t], u, v);
+    });
+  eigen_unrolled<P>([&](auto t) {
+    T* const to_first = first + j + t * L;
+    T* const to_second = second + j + t * L;
+    if constexpr (!seeded) {
+      if constexpr (sum_u) f[t] = padd(ploadu<packet>(to_first), f[t]);
+      if constexpr (sum_uv) s[t] = padd(ploadu<packet>(to_second), s[t]);
+    }
+    if constexpr (sum_u) pstoreu(to_first, f[t]);
+    if constexpr (sum_uv) pstoreu(to_second, s[t]);
+  });
+}
+
 /// Per column c < C of a term's `rows` x C matrix (rows of channels): first[c] += sum_r u
 /// (with sum_u) and second[c] += sum_r u v (with sum_uv), about centre[c]. Both outputs are
 /// arrays of C; the one not kept is neither read nor written (the other may stand in for it).
 template <bool sum_u, bool sum_uv, class T, class Term>
 void eigen_column_sums(const Term& term, index_t rows, index_t C, const T* centre, T* first,
                        T* second) {
-  using namespace Eigen::internal;
-  using packet = eigen_packet<T>;
   constexpr index_t L = eigen_lanes<T>;
-  const auto add_to = [](T* sums, index_t c, const packet& p) {
-    pstoreu(sums + c, padd(ploadu<packet>(sums + c), p));
-  };
   index_t c = 0;
   if (term.contiguous() && C > eigen_register_tile * L) {
     // Wide rows: eigen_row_group rows side by side, packet by packet, the sums accumulating in
@@ -666,32 +696,13 @@ void eigen_column_sums(const Term& term, index_t rows, index_t C, const T* centr
       // and the rows' offsets are loop-invariant products.
       const Term block = term.from_row(r0);
       index_t j = 0;
-      const auto rows_of = [&](auto packets, index_t count) BKN_EIGEN_INLINE_LAMBDA {
-        constexpr int P = decltype(packets)::value;
-        packet m[P], f[P], s[P];
-        eigen_unrolled<P>([&](auto t) {
-          m[t] = ploadu<packet>(centre + j + t * L);
-          f[t] = s[t] = pset1<packet>(T(0));
-          if constexpr (sum_u) f[t] = ploadu<packet>(first + j + t * L);
-          if constexpr (sum_uv) s[t] = ploadu<packet>(second + j + t * L);
-        });
-        for (index_t r = 0; r < count; ++r)
-          eigen_unrolled<P>([&](auto t) {
-            packet u, v;
-            block.packet(r, j + t * L, m[t], u, v);
-            eigen_accumulate<sum_u, sum_uv>(f[t], s[t], u, v);
-          });
-        eigen_unrolled<P>([&](auto t) {
-          if constexpr (sum_u) pstoreu(first + j + t * L, f[t]);
-          if constexpr (sum_uv) pstoreu(second + j + t * L, s[t]);
-        });
-        j += P * L;
-      };
       const auto tile = [&](auto packets) BKN_EIGEN_INLINE_LAMBDA {
+        constexpr int P = decltype(packets)::value;
         if (n == R)
-          rows_of(packets, R);
+          eigen_column_tile<P, true, sum_u, sum_uv>(block, R, j, centre, first, second);
         else
-          rows_of(packets, n);
+          eigen_column_tile<P, true, sum_u, sum_uv>(block, n, j, centre, first, second);
+        j += P * L;
       };
       if (C <= eigen_wide_tile * L) {
         // Rows of at most eight packets go whole, tiles of eight, four, two and one packets
@@ -724,27 +735,13 @@ void eigen_column_sums(const Term& term, index_t rows, index_t C, const T* centr
   if (term.contiguous()) {
     // Tiles of four packets, then two, then one: every accumulator in a register over all rows.
     const auto tile = [&](auto packets) {
-      constexpr index_t n = decltype(packets)::value;
-      packet m[n], f[n], s[n];
-      eigen_unrolled<n>([&](auto t) {
-        m[t] = ploadu<packet>(centre + c + t * L);
-        f[t] = s[t] = pset1<packet>(T(0));
-      });
-      for (index_t r = 0; r < rows; ++r)
-        eigen_unrolled<n>([&](auto t) {
-          packet u, v;
-          term.packet(r, c + t * L, m[t], u, v);
-          eigen_accumulate<sum_u, sum_uv>(f[t], s[t], u, v);
-        });
-      eigen_unrolled<n>([&](auto t) {
-        if constexpr (sum_u) add_to(first, c + t * L, f[t]);
-        if constexpr (sum_uv) add_to(second, c + t * L, s[t]);
-      });
-      c += n * L;
+      constexpr int P = decltype(packets)::value;
+      eigen_column_tile<P, false, sum_u, sum_uv>(term, rows, c, centre, first, second);
+      c += P * L;
     };
-    while (c + 4 * L <= C) tile(std::integral_constant<index_t, 4>());
-    while (c + 2 * L <= C) tile(std::integral_constant<index_t, 2>());
-    while (c + L <= C) tile(std::integral_constant<index_t, 1>());
+    while (c + 4 * L <= C) tile(std::integral_constant<int, 4>());
+    while (c + 2 * L <= C) tile(std::integral_constant<int, 2>());
+    while (c + L <= C) tile(std::integral_constant<int, 1>());
   }
   for (; c < C; ++c) {
     T f = T(0), s = T(0);
