@@ -205,6 +205,61 @@ Slot eigen_slot(span<std::byte> scratch, index_t index, index_t channels) {
   return Slot::carve(carver, channels);
 }
 
+/// The units of a channels-last reduction: each of G groups cut into `chunks` chunks, unit
+/// g * chunks + j, shared out over the team. reduce(g, j, state, work) reduces chunk j of group
+/// g into `state`, with `work` (the thread's slot) for its partials. A whole group (one chunk)
+/// reduces into the thread's slot and is stored, store(g, state), unless reduce returns true
+/// (it stored the group itself). A split group's chunks reduce into slots of their own, merged
+/// (Slot::merge) into the group's first after the parallel part, then stored.
+template <class Slot, class Reduce, class Store>
+void eigen_reduce_units(span<std::byte> scratch, index_t C, index_t G, index_t chunks, int team,
+                        Reduce&& reduce, Store&& store) {
+  const index_t units = G * chunks;
+  eigen_parallel(team, [&](int part) {
+    const Slot work = eigen_slot<Slot>(scratch, part, C);
+    const index_t last = eigen_first_unit(units, part + 1, team);
+    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
+      const index_t g = unit / chunks, j = unit % chunks;
+      const Slot state = chunks > 1 ? eigen_slot<Slot>(scratch, unit, C) : work;
+      bool stored = false;
+      if constexpr (std::is_void_v<decltype(reduce(g, j, state, work))>)
+        reduce(g, j, state, work);
+      else
+        stored = reduce(g, j, state, work);
+      if (chunks == 1 && !stored) store(g, state);
+    }
+  });
+  if (chunks == 1) return;
+  for (index_t g = 0; g < G; ++g) {
+    const Slot first = eigen_slot<Slot>(scratch, g * chunks, C);
+    for (index_t j = 1; j < chunks; ++j)
+      first.merge(eigen_slot<Slot>(scratch, g * chunks + j, C), C);
+    store(g, first);
+  }
+}
+
+/// Chan's combine, channel by channel, of a block of n values per channel (means block_mean,
+/// sums of squared deviations block_m2) into a unit's state of `count` values per channel:
+/// welford::combine's arithmetic, as vectors.
+inline void eigen_combine(double& count, double* mean, double* m2, double n,
+                          const double* block_mean, const double* block_m2, index_t C) {
+  using vector = Eigen::Map<Eigen::ArrayXd>;
+  using const_vector = Eigen::Map<const Eigen::ArrayXd>;
+  if (n == 0) return;
+  vector m(mean, C), s(m2, C);
+  const const_vector bm(block_mean, C), bs(block_m2, C);
+  if (count == 0) {
+    m = bm;
+    s = bs;
+    count = n;
+    return;
+  }
+  const double total = count + n, weight = n / total;
+  s += bs + (bm - m).square() * count * weight;  // before the mean moves: delta = bm - m
+  m += (bm - m) * weight;
+  count = total;
+}
+
 /// Channels-last `moments`: a unit's running statistics, channel by channel (structure of
 /// arrays, so that blocks merge as vectors), and the current block's partials.
 template <class T>
@@ -230,7 +285,23 @@ struct eigen_moments_slot {
     s.squares = c.take<T>(channels);
     return s;
   }
+  /// Another chunk of the same group, folded into this one.
+  void merge(const eigen_moments_slot& other, index_t C) const {
+    eigen_combine(count[0], mean, m2, other.count[0], other.mean, other.m2, C);
+  }
 };
+
+/// A unit's statistics as the mean and the biased variance (plain loops for the conversions
+/// between T, P and double: the compiler vectorizes them, where Eigen 3.4 converts one scalar
+/// at a time).
+template <class T, class P>
+void eigen_moments_store(const eigen_moments_slot<T>& unit, P* mean, P* var, index_t C) {
+  const double count = unit.count[0];
+  for (index_t c = 0; c < C; ++c) {
+    mean[c] = P(unit.mean[c]);
+    var[c] = P(unit.m2[c] > 0 ? unit.m2[c] / count : 0.0);  // welford::variance()
+  }
+}
 
 /// Channels-last `sums`: a unit's sums and the current block's partials.
 template <class T>
@@ -252,7 +323,49 @@ struct eigen_sums_slot {
     s.block_dy_centred = c.take<T>(channels);
     return s;
   }
+  /// Another chunk of the same group, added to this one.
+  void merge(const eigen_sums_slot& other, index_t C) const {
+    for (index_t c = 0; c < C; ++c) {
+      sum_dy[c] += other.sum_dy[c];
+      sum_dy_centred[c] += other.sum_dy_centred[c];
+    }
+  }
 };
+
+/// A sums unit's start: its sums at zero, and each centre rounded to T with the rounding's gap,
+/// for dy (x - centre) = dy (x - rounded) + dy (rounded - centre): the first term in T, the
+/// correction in double.
+template <class T, class P>
+void eigen_sums_begin(const eigen_sums_slot<T>& unit, const eigen_sums_slot<T>& work,
+                      const P* centre, index_t C) {
+  for (index_t c = 0; c < C; ++c) {
+    unit.sum_dy[c] = 0;
+    unit.sum_dy_centred[c] = 0;
+    const double exact = double(centre[c]);
+    work.centre[c] = T(exact);
+    work.gap[c] = double(work.centre[c]) - exact;
+  }
+}
+
+/// A block's sums in T, added to its unit's in double with the centre's correction.
+template <class T>
+void eigen_sums_fold(const eigen_sums_slot<T>& unit, const eigen_sums_slot<T>& work,
+                     index_t C) {
+  for (index_t c = 0; c < C; ++c) {  // a loop the compiler vectorizes
+    unit.sum_dy[c] += double(work.block_dy[c]);
+    unit.sum_dy_centred[c] +=
+        double(work.block_dy_centred[c]) + work.gap[c] * double(work.block_dy[c]);
+  }
+}
+
+/// A unit's sums, rounded to P.
+template <class T, class P>
+void eigen_sums_store(const eigen_sums_slot<T>& unit, P* sum_dy, P* sum_dy_centred, index_t C) {
+  for (index_t c = 0; c < C; ++c) {
+    sum_dy[c] = P(unit.sum_dy[c]);
+    sum_dy_centred[c] = P(unit.sum_dy_centred[c]);
+  }
+}
 
 /// `covariance`: a unit's Gram matrix and the block of centred rows gathered for the next
 /// product.
@@ -270,6 +383,10 @@ struct eigen_covariance_slot {
     s.mean = c.take<double>(channels);
     s.rows = c.take<double>(rows_per_block(channels) * channels);
     return s;
+  }
+  /// Another chunk of the same group, added to this one.
+  void merge(const eigen_covariance_slot& other, index_t C) const {
+    Eigen::Map<Eigen::MatrixXd>(gram, C, C) += Eigen::Map<const Eigen::MatrixXd>(other.gram, C, C);
   }
 };
 
@@ -755,28 +872,6 @@ void eigen_column_sums(const Term& term, index_t rows, index_t C, const T* centr
   }
 }
 
-/// Chan's combine, channel by channel, of a block of n values per channel (means block_mean,
-/// sums of squared deviations block_m2) into a unit's state of `count` values per channel:
-/// welford::combine's arithmetic, as vectors.
-inline void eigen_combine(double& count, double* mean, double* m2, double n,
-                          const double* block_mean, const double* block_m2, index_t C) {
-  using vector = Eigen::Map<Eigen::ArrayXd>;
-  using const_vector = Eigen::Map<const Eigen::ArrayXd>;
-  if (n == 0) return;
-  vector m(mean, C), s(m2, C);
-  const const_vector bm(block_mean, C), bs(block_m2, C);
-  if (count == 0) {
-    m = bm;
-    s = bs;
-    count = n;
-    return;
-  }
-  const double total = count + n, weight = n / total;
-  s += bs + (bm - m).square() * count * weight;  // before the mean moves: delta = bm - m
-  m += (bm - m) * weight;
-  count = total;
-}
-
 /// Rows of a unit's first block whose mean is the shift of the block's one-pass sums: the
 /// shift then lies within sqrt(rows / eigen_pilot_rows) standard deviations of the block's
 /// mean whatever the data (the pilot rows' own deviations count in the variance), and on
@@ -915,107 +1010,87 @@ void eigen_moments_samples(tensor_view<const T> x, index_t group_size, span<P> m
   using slot = eigen_moments_slot<T>;
   const index_t C = x.channels(), S = x.spatial(), G = x.batch() / group_size;
   const index_t chunks = std::min<index_t>(eigen_chunks(G, team), group_size);
-  const index_t units = G * chunks;
   const index_t per_block =
       std::clamp<index_t>(eigen_samples_block_values / (C * S), 1, eigen_block_values / S);
   const auto plane = [&](index_t n, index_t c) { return x.data() + x.offset(n, c, 0, 0); };
   const auto store = [&](index_t g, const slot& s) {
-    for (index_t c = 0; c < C; ++c) {
-      mean[g * C + c] = P(s.mean[c]);
-      var[g * C + c] = P(s.m2[c] > 0 ? s.m2[c] / s.count[0] : 0.0);
+    eigen_moments_store(s, mean.data() + g * C, var.data() + g * C, C);
+  };
+  const auto reduce = [&](index_t g, index_t j, const slot& state, const slot& work) {
+    state.count[0] = 0;
+    const index_t end = g * group_size + group_size * (j + 1) / chunks;
+    for (index_t n0 = g * group_size + group_size * j / chunks; n0 < end; n0 += per_block) {
+      const index_t n1 = std::min(n0 + per_block, end);
+      const index_t cs = x.strides().channel;
+      const bool short_planes = eigen_short_plane<T>(S), first_block = state.count[0] == 0;
+      const auto each_plane = [&](auto&& f) {  // f(n, c, planes read side by side)
+        for (index_t n = n0; n < n1; ++n) {
+          constexpr int side = eigen_side_planes;
+          index_t c = 0;
+          if (short_planes)
+            for (; c + side <= C; c += side) f(n, c, std::integral_constant<int, side>());
+          for (; c < C; ++c) f(n, c, std::integral_constant<int, 1>());
+        }
+      };
+      const double count = double((n1 - n0) * S);
+      if (first_block && short_planes) {
+        // A unit's first block of short planes: the sum about each channel's first value,
+        // then the squares about the block's mean. A pilot for one pass (below) would add a
+        // third horizontal sum per plane: NCHW 2x512x7x7, one block, was 1.12x slower.
+        for (index_t c = 0; c < C; ++c) {
+          work.centre[c] = plane(n0, c)[0];
+          work.sum[c] = work.squares[c] = T(0);
+        }
+        each_plane([&](index_t n, index_t c, auto planes) {
+          eigen_sums_about<false, decltype(planes)::value>(plane(n, c), cs, S,
+                                                           work.centre + c, work.sum + c);
+        });
+        for (index_t c = 0; c < C; ++c) {
+          work.block_mean[c] = double(work.centre[c]) + double(work.sum[c]) / count;
+          work.centre[c] = T(work.block_mean[c]);
+        }
+        each_plane([&](index_t n, index_t c, auto planes) {
+          eigen_sums_about<true, decltype(planes)::value>(plane(n, c), cs, S,
+                                                          work.centre + c, work.squares + c);
+        });
+        for (index_t c = 0; c < C; ++c)
+          work.block_m2[c] =
+              eigen_m2_about(work.squares[c], work.centre[c], work.block_mean[c], count);
+      } else {
+        // One pass about a shift close to each channel's mean: the unit's mean so far or, in
+        // its first block, the mean of a packet at the start of the block's first plane.
+        for (index_t c = 0; c < C; ++c) {
+          work.centre[c] = first_block ? plane(n0, c)[0] : T(state.mean[c]);
+          work.sum[c] = work.squares[c] = T(0);
+        }
+        each_plane([&](index_t n, index_t c, auto planes) {
+          constexpr int k = decltype(planes)::value;
+          if (first_block && n == n0) {
+            T head[k] = {};
+            const index_t m = std::min(S, eigen_lanes<T>);
+            eigen_sums_about<false, k>(plane(n, c), cs, m, work.centre + c, head);
+            for (int i = 0; i < k; ++i)
+              work.centre[c + i] = T(double(work.centre[c + i]) + double(head[i]) / double(m));
+          }
+          eigen_moments_about<k>(plane(n, c), cs, S, work.centre + c, work.sum + c,
+                                 work.squares + c);
+        });
+        if (eigen_block_moments(work.centre, work.sum, work.squares, count, work.block_mean,
+                                work.block_m2, C) > 0)
+          eigen_for_each_cancelled(work.block_m2, C, [&](index_t c) {
+            // The shift lay far from the mean: the channel's squares again, about its mean.
+            const T centre = T(work.block_mean[c]);
+            T squares = T(0);
+            for (index_t n = n0; n < n1; ++n)
+              squares += eigen_sum_about<true>(plane(n, c), S, centre);
+            work.block_m2[c] = eigen_m2_about(squares, centre, work.block_mean[c], count);
+          });
+      }
+      eigen_combine(state.count[0], state.mean, state.m2, count, work.block_mean,
+                    work.block_m2, C);
     }
   };
-  eigen_parallel(team, [&](int part) {
-    const slot work = eigen_slot<slot>(scratch, part, C);
-    const index_t last = eigen_first_unit(units, part + 1, team);
-    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / chunks, j = unit % chunks;
-      const slot state = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
-      state.count[0] = 0;
-      const index_t end = g * group_size + group_size * (j + 1) / chunks;
-      for (index_t n0 = g * group_size + group_size * j / chunks; n0 < end; n0 += per_block) {
-        const index_t n1 = std::min(n0 + per_block, end);
-        const index_t cs = x.strides().channel;
-        const bool short_planes = eigen_short_plane<T>(S), first_block = state.count[0] == 0;
-        const auto each_plane = [&](auto&& f) {  // f(n, c, planes read side by side)
-          for (index_t n = n0; n < n1; ++n) {
-            constexpr int side = eigen_side_planes;
-            index_t c = 0;
-            if (short_planes)
-              for (; c + side <= C; c += side) f(n, c, std::integral_constant<int, side>());
-            for (; c < C; ++c) f(n, c, std::integral_constant<int, 1>());
-          }
-        };
-        const double count = double((n1 - n0) * S);
-        if (first_block && short_planes) {
-          // A unit's first block of short planes: the sum about each channel's first value,
-          // then the squares about the block's mean. A pilot for one pass (below) would add a
-          // third horizontal sum per plane: NCHW 2x512x7x7, one block, was 1.12x slower.
-          for (index_t c = 0; c < C; ++c) {
-            work.centre[c] = plane(n0, c)[0];
-            work.sum[c] = work.squares[c] = T(0);
-          }
-          each_plane([&](index_t n, index_t c, auto planes) {
-            eigen_sums_about<false, decltype(planes)::value>(plane(n, c), cs, S,
-                                                             work.centre + c, work.sum + c);
-          });
-          for (index_t c = 0; c < C; ++c) {
-            work.block_mean[c] = double(work.centre[c]) + double(work.sum[c]) / count;
-            work.centre[c] = T(work.block_mean[c]);
-          }
-          each_plane([&](index_t n, index_t c, auto planes) {
-            eigen_sums_about<true, decltype(planes)::value>(plane(n, c), cs, S,
-                                                            work.centre + c, work.squares + c);
-          });
-          for (index_t c = 0; c < C; ++c)
-            work.block_m2[c] =
-                eigen_m2_about(work.squares[c], work.centre[c], work.block_mean[c], count);
-        } else {
-          // One pass about a shift close to each channel's mean: the unit's mean so far or, in
-          // its first block, the mean of a packet at the start of the block's first plane.
-          for (index_t c = 0; c < C; ++c) {
-            work.centre[c] = first_block ? plane(n0, c)[0] : T(state.mean[c]);
-            work.sum[c] = work.squares[c] = T(0);
-          }
-          each_plane([&](index_t n, index_t c, auto planes) {
-            constexpr int k = decltype(planes)::value;
-            if (first_block && n == n0) {
-              T head[k] = {};
-              const index_t m = std::min(S, eigen_lanes<T>);
-              eigen_sums_about<false, k>(plane(n, c), cs, m, work.centre + c, head);
-              for (int i = 0; i < k; ++i)
-                work.centre[c + i] = T(double(work.centre[c + i]) + double(head[i]) / double(m));
-            }
-            eigen_moments_about<k>(plane(n, c), cs, S, work.centre + c, work.sum + c,
-                                   work.squares + c);
-          });
-          if (eigen_block_moments(work.centre, work.sum, work.squares, count, work.block_mean,
-                                  work.block_m2, C) > 0)
-            eigen_for_each_cancelled(work.block_m2, C, [&](index_t c) {
-              // The shift lay far from the mean: the channel's squares again, about its mean.
-              const T centre = T(work.block_mean[c]);
-              T squares = T(0);
-              for (index_t n = n0; n < n1; ++n)
-                squares += eigen_sum_about<true>(plane(n, c), S, centre);
-              work.block_m2[c] = eigen_m2_about(squares, centre, work.block_mean[c], count);
-            });
-        }
-        eigen_combine(state.count[0], state.mean, state.m2, count, work.block_mean,
-                      work.block_m2, C);
-      }
-      if (chunks == 1) store(g, state);
-    }
-  });
-  if (chunks == 1) return;
-  for (index_t g = 0; g < G; ++g) {
-    const slot first = eigen_slot<slot>(scratch, g * chunks, C);
-    for (index_t j = 1; j < chunks; ++j) {
-      const slot other = eigen_slot<slot>(scratch, g * chunks + j, C);
-      eigen_combine(first.count[0], first.mean, first.m2, other.count[0], other.mean, other.m2,
-                    C);
-    }
-    store(g, first);
-  }
+  eigen_reduce_units<slot>(scratch, C, G, chunks, team, reduce, store);
 }
 
 /// Statistics groups of at most this many pixels (rows of channels) are reduced in registers,
@@ -1093,7 +1168,6 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
   using slot = eigen_moments_slot<T>;
   const index_t C = x.channels(), G = x.batch() / group_size;
   const index_t pixels = group_size * x.spatial(), chunks = eigen_chunks(G, team);
-  const index_t units = G * chunks;
   const index_t block = eigen_rows_block(C);
   const eigen_pixels<const T> px(x, false);
   if constexpr (std::is_same_v<T, P> && Path == eigen_path::rows) {
@@ -1109,100 +1183,76 @@ void eigen_moments_rows(tensor_view<const T> x, index_t group_size, span<P> mean
       return;
     }
   }
-  // Plain loops for the conversions between T, P and double: the compiler vectorizes them,
-  // where Eigen 3.4 converts one scalar at a time.
-  auto store = [&](index_t g, const slot& s) {
-    P* m = mean.data() + g * C;
-    P* v = var.data() + g * C;
-    const double count = s.count[0];
-    for (index_t c = 0; c < C; ++c) {
-      m[c] = P(s.mean[c]);
-      v[c] = P(s.m2[c] > 0 ? s.m2[c] / count : 0.0);  // welford::variance()
-    }
+  const auto store = [&](index_t g, const slot& s) {
+    eigen_moments_store(s, mean.data() + g * C, var.data() + g * C, C);
   };
-  eigen_parallel(team, [&](int part) {
-    const slot work = eigen_slot<slot>(scratch, part, C);
-    const index_t last = eigen_first_unit(units, part + 1, team);
-    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / chunks, j = unit % chunks;
-      // A split group keeps each chunk's statistics in the chunk's own slot until the merge.
-      const slot state = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
-      state.count[0] = 0;
-      bool stored = false;
-      eigen_for_each_run(
-          g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
-          [&](index_t p, index_t n) {
-            const T* first = px.at(p);
-            const index_t cs = px.channel_stride, ps = px.pixel_stride;
-            const eigen_deviations<T> rows{first, ps, cs};
-            const double count = double(n);
-            std::fill(work.sum, work.sum + C, T(0));
-            std::fill(work.squares, work.squares + C, T(0));
-            // One pass: the block's sum and squares about a shift close to its mean, the
-            // unit's mean so far or, for its first block, the mean of the block's first rows.
-            if (state.count[0] == 0) {
-              const index_t m = std::min(n, eigen_pilot_rows);
-              for (index_t c = 0; c < C; ++c) work.centre[c] = first[c * cs];
-              eigen_column_sums<true, false>(rows, m, C, work.centre, work.sum, work.sum);
-              for (index_t c = 0; c < C; ++c) {
-                work.centre[c] = T(double(work.centre[c]) + double(work.sum[c]) / double(m));
-                work.sum[c] = T(0);
-              }
-            } else {
-              for (index_t c = 0; c < C; ++c) work.centre[c] = T(state.mean[c]);
+  const auto reduce = [&](index_t g, index_t j, const slot& state, const slot& work) {
+    state.count[0] = 0;
+    bool stored = false;
+    eigen_for_each_run(
+        g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
+        [&](index_t p, index_t n) {
+          const T* first = px.at(p);
+          const index_t cs = px.channel_stride, ps = px.pixel_stride;
+          const eigen_deviations<T> rows{first, ps, cs};
+          const double count = double(n);
+          std::fill(work.sum, work.sum + C, T(0));
+          std::fill(work.squares, work.squares + C, T(0));
+          // One pass: the block's sum and squares about a shift close to its mean, the
+          // unit's mean so far or, for its first block, the mean of the block's first rows.
+          if (state.count[0] == 0) {
+            const index_t m = std::min(n, eigen_pilot_rows);
+            for (index_t c = 0; c < C; ++c) work.centre[c] = first[c * cs];
+            eigen_column_sums<true, false>(rows, m, C, work.centre, work.sum, work.sum);
+            for (index_t c = 0; c < C; ++c) {
+              work.centre[c] = T(double(work.centre[c]) + double(work.sum[c]) / double(m));
+              work.sum[c] = T(0);
             }
-            eigen_column_sums<true, true>(rows, n, C, work.centre, work.sum, work.squares);
-            const index_t cancelled = eigen_block_moments(
-                work.centre, work.sum, work.squares, count, work.block_mean, work.block_m2, C);
-            if (cancelled * eigen_cancelled_pass > C) {
-              // Many shifts lay far from their means: every channel's squares again, about its
-              // mean (a second pass over the block).
-              for (index_t c = 0; c < C; ++c) {
-                work.centre[c] = T(work.block_mean[c]);
-                work.squares[c] = T(0);
-              }
-              eigen_column_sums<false, true>(rows, n, C, work.centre, work.squares, work.squares);
-              for (index_t c = 0; c < C; ++c)
-                work.block_m2[c] =
-                    eigen_m2_about(work.squares[c], work.centre[c], work.block_mean[c], count);
-            } else if (cancelled > 0) {
-              eigen_for_each_cancelled(work.block_m2, C, [&](index_t c) {
-                const T centre = T(work.block_mean[c]);
-                T squares = T(0);
-                eigen_column_sums<false, true>(eigen_deviations<T>{first + c * cs, ps}, n, 1,
-                                               &centre, &squares, &squares);
-                work.block_m2[c] = eigen_m2_about(squares, centre, work.block_mean[c], count);
-              });
+          } else {
+            for (index_t c = 0; c < C; ++c) work.centre[c] = T(state.mean[c]);
+          }
+          eigen_column_sums<true, true>(rows, n, C, work.centre, work.sum, work.squares);
+          const index_t cancelled = eigen_block_moments(
+              work.centre, work.sum, work.squares, count, work.block_mean, work.block_m2, C);
+          if (cancelled * eigen_cancelled_pass > C) {
+            // Many shifts lay far from their means: every channel's squares again, about its
+            // mean (a second pass over the block).
+            for (index_t c = 0; c < C; ++c) {
+              work.centre[c] = T(work.block_mean[c]);
+              work.squares[c] = T(0);
             }
-            double* m2 = work.block_m2;
-            const bool alone = chunks == 1 && n == pixels;
-            if (alone) {
-              P* m = mean.data() + g * C;
-              P* v = var.data() + g * C;
-              for (index_t c = 0; c < C; ++c) {
-                m[c] = P(work.block_mean[c]);
-                v[c] = P(m2[c] > 0 ? m2[c] / count : 0.0);
-              }
-              stored = true;
-              return;
+            eigen_column_sums<false, true>(rows, n, C, work.centre, work.squares, work.squares);
+            for (index_t c = 0; c < C; ++c)
+              work.block_m2[c] =
+                  eigen_m2_about(work.squares[c], work.centre[c], work.block_mean[c], count);
+          } else if (cancelled > 0) {
+            eigen_for_each_cancelled(work.block_m2, C, [&](index_t c) {
+              const T centre = T(work.block_mean[c]);
+              T squares = T(0);
+              eigen_column_sums<false, true>(eigen_deviations<T>{first + c * cs, ps}, n, 1,
+                                             &centre, &squares, &squares);
+              work.block_m2[c] = eigen_m2_about(squares, centre, work.block_mean[c], count);
+            });
+          }
+          double* m2 = work.block_m2;
+          const bool alone = chunks == 1 && n == pixels;
+          if (alone) {
+            P* m = mean.data() + g * C;
+            P* v = var.data() + g * C;
+            for (index_t c = 0; c < C; ++c) {
+              m[c] = P(work.block_mean[c]);
+              v[c] = P(m2[c] > 0 ? m2[c] / count : 0.0);
             }
-            eigen_combine(state.count[0], state.mean, state.m2, count, work.block_mean,
-                          work.block_m2, C);
-          },
-          px);
-      if (chunks == 1 && !stored) store(g, state);
-    }
-  });
-  if (chunks == 1) return;
-  for (index_t g = 0; g < G; ++g) {
-    const slot first = eigen_slot<slot>(scratch, g * chunks, C);
-    for (index_t j = 1; j < chunks; ++j) {
-      const slot other = eigen_slot<slot>(scratch, g * chunks + j, C);
-      eigen_combine(first.count[0], first.mean, first.m2, other.count[0], other.mean, other.m2,
-                    C);
-    }
-    store(g, first);
-  }
+            stored = true;
+            return;
+          }
+          eigen_combine(state.count[0], state.mean, state.m2, count, work.block_mean,
+                        work.block_m2, C);
+        },
+        px);
+    return stored;
+  };
+  eigen_reduce_units<slot>(scratch, C, G, chunks, team, reduce, store);
 }
 
 template <eigen_path Path, class T, class P>
@@ -1211,60 +1261,45 @@ void eigen_covariance(tensor_view<const T> x, index_t group_size, span<const P> 
   using slot = eigen_covariance_slot;
   const index_t C = x.channels(), G = x.batch() / group_size;
   const index_t pixels = group_size * x.spatial(), chunks = eigen_chunks(G, team);
-  const index_t units = G * chunks, block = slot::rows_per_block(C);
+  const index_t block = slot::rows_per_block(C);
   const eigen_pixels<const T> px(x, Path == eigen_path::planes);
-  auto store = [&](index_t g, const double* gram) {
+  const auto store = [&](index_t g, const slot& s) {
     const double count = double(pixels);
     for (index_t i = 0; i < C; ++i)
       for (index_t j = 0; j < C; ++j)
-        cov[(g * C + i) * C + j] = P(gram[std::min(i, j) * C + std::max(i, j)] / count);
+        cov[(g * C + i) * C + j] = P(s.gram[std::min(i, j) * C + std::max(i, j)] / count);
   };
-  eigen_parallel(team, [&](int part) {
-    const slot work = eigen_slot<slot>(scratch, part, C);
+  const auto reduce = [&](index_t g, index_t j, const slot& state, const slot& work) {
     Eigen::Map<Eigen::RowVectorXd> centre(work.mean, C);
-    Eigen::Map<Eigen::MatrixXd> rows(work.rows, block, C);
-    const index_t last = eigen_first_unit(units, part + 1, team);
-    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / chunks, j = unit % chunks;
-      Eigen::Map<Eigen::MatrixXd> gram(
-          chunks > 1 ? eigen_slot<slot>(scratch, unit, C).gram : work.gram, C, C);
-      gram.setZero();
-      centre = eigen_const_channel_row<P>(mean.data() + g * C, C).template cast<double>().matrix();
-      index_t filled = 0;
-      auto flush = [&] {
-        // Rank-k update of the lower triangle: half the flops of B^T B, and unlike Eigen's
-        // general product it never starts threads of its own.
-        if (filled > 0)
-          gram.selfadjointView<Eigen::Lower>().rankUpdate(rows.topRows(filled).transpose());
-        filled = 0;
-      };
-      eigen_for_each_run(
-          g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
-          [&](index_t p, index_t length) {
-            while (length > 0) {
-              const index_t take = std::min(length, block - filled);
-              rows.middleRows(filled, take).noalias() =
-                  eigen_rows<Path>(px, p, take).template cast<double>() -
-                  eigen_repeated_row(work.mean, take, C);
-              filled += take;
-              p += take;
-              length -= take;
-              if (filled == block) flush();
-            }
-          },
-          px);
-      flush();
-      if (chunks == 1) store(g, gram.data());
-    }
-  });
-  if (chunks == 1) return;
-  for (index_t g = 0; g < G; ++g) {
-    Eigen::Map<Eigen::MatrixXd> first(eigen_slot<slot>(scratch, g * chunks, C).gram, C, C);
-    for (index_t j = 1; j < chunks; ++j)
-      first += Eigen::Map<const Eigen::MatrixXd>(
-          eigen_slot<slot>(scratch, g * chunks + j, C).gram, C, C);
-    store(g, first.data());
-  }
+    Eigen::Map<Eigen::MatrixXd> rows(work.rows, block, C), gram(state.gram, C, C);
+    gram.setZero();
+    centre = eigen_const_channel_row<P>(mean.data() + g * C, C).template cast<double>().matrix();
+    index_t filled = 0;
+    auto flush = [&] {
+      // Rank-k update of the lower triangle: half the flops of B^T B, and unlike Eigen's
+      // general product it never starts threads of its own.
+      if (filled > 0)
+        gram.selfadjointView<Eigen::Lower>().rankUpdate(rows.topRows(filled).transpose());
+      filled = 0;
+    };
+    eigen_for_each_run(
+        g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
+        [&](index_t p, index_t length) {
+          while (length > 0) {
+            const index_t take = std::min(length, block - filled);
+            rows.middleRows(filled, take).noalias() =
+                eigen_rows<Path>(px, p, take).template cast<double>() -
+                eigen_repeated_row(work.mean, take, C);
+            filled += take;
+            p += take;
+            length -= take;
+            if (filled == block) flush();
+          }
+        },
+        px);
+    flush();
+  };
+  eigen_reduce_units<slot>(scratch, C, G, chunks, team, reduce, store);
 }
 
 template <class T, class P>
@@ -1320,68 +1355,35 @@ void eigen_sums_samples(tensor_view<const T> dy, tensor_view<const T> x, span<co
   using slot = eigen_sums_slot<T>;
   const index_t C = x.channels(), S = x.spatial(), G = x.batch() / group_size;
   const index_t chunks = std::min<index_t>(eigen_chunks(G, team), group_size);
-  const index_t units = G * chunks;
   const index_t per_block =
       std::clamp<index_t>(eigen_samples_block_values / 2 / (C * S), 1, eigen_block_values / S);
-  const auto store = [&](index_t g, const slot& s) {
-    for (index_t c = 0; c < C; ++c) {
-      sum_dy[g * C + c] = P(s.sum_dy[c]);
-      sum_dy_centred[g * C + c] = P(s.sum_dy_centred[c]);
+  const auto reduce = [&](index_t g, index_t j, const slot& out, const slot& work) {
+    eigen_sums_begin(out, work, centre.data() + g * C, C);
+    const index_t end = g * group_size + group_size * (j + 1) / chunks;
+    for (index_t n0 = g * group_size + group_size * j / chunks; n0 < end; n0 += per_block) {
+      const index_t n1 = std::min(n0 + per_block, end);
+      std::fill(work.block_dy, work.block_dy + C, T(0));
+      std::fill(work.block_dy_centred, work.block_dy_centred + C, T(0));
+      constexpr int side = eigen_side_planes;
+      for (index_t n = n0; n < n1; ++n) {
+        index_t c = 0;
+        if (eigen_short_plane<T>(S))
+          for (; c + side <= C; c += side)
+            eigen_sums_products<side>(dy.data() + dy.offset(n, c, 0, 0),
+                                      dy.strides().channel, x.data() + x.offset(n, c, 0, 0),
+                                      x.strides().channel, S, work.centre + c,
+                                      work.block_dy + c, work.block_dy_centred + c);
+        for (; c < C; ++c)
+          eigen_sum_products(dy.data() + dy.offset(n, c, 0, 0), x.data() + x.offset(n, c, 0, 0),
+                             S, work.centre[c], work.block_dy[c], work.block_dy_centred[c]);
+      }
+      eigen_sums_fold(out, work, C);
     }
   };
-  eigen_parallel(team, [&](int part) {
-    const slot work = eigen_slot<slot>(scratch, part, C);
-    const index_t last = eigen_first_unit(units, part + 1, team);
-    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / chunks, j = unit % chunks;
-      const slot out = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
-      for (index_t c = 0; c < C; ++c) {
-        out.sum_dy[c] = 0;
-        out.sum_dy_centred[c] = 0;
-        // dy (x - centre) = dy (x - rounded) + dy (rounded - centre), as eigen_sums_planes.
-        const double exact = double(centre[g * C + c]);
-        work.centre[c] = T(exact);
-        work.gap[c] = double(work.centre[c]) - exact;
-      }
-      const index_t end = g * group_size + group_size * (j + 1) / chunks;
-      for (index_t n0 = g * group_size + group_size * j / chunks; n0 < end; n0 += per_block) {
-        const index_t n1 = std::min(n0 + per_block, end);
-        std::fill(work.block_dy, work.block_dy + C, T(0));
-        std::fill(work.block_dy_centred, work.block_dy_centred + C, T(0));
-        constexpr int side = eigen_side_planes;
-        for (index_t n = n0; n < n1; ++n) {
-          index_t c = 0;
-          if (eigen_short_plane<T>(S))
-            for (; c + side <= C; c += side)
-              eigen_sums_products<side>(dy.data() + dy.offset(n, c, 0, 0),
-                                        dy.strides().channel, x.data() + x.offset(n, c, 0, 0),
-                                        x.strides().channel, S, work.centre + c,
-                                        work.block_dy + c, work.block_dy_centred + c);
-          for (; c < C; ++c)
-            eigen_sum_products(dy.data() + dy.offset(n, c, 0, 0), x.data() + x.offset(n, c, 0, 0),
-                               S, work.centre[c], work.block_dy[c], work.block_dy_centred[c]);
-        }
-        for (index_t c = 0; c < C; ++c) {
-          out.sum_dy[c] += double(work.block_dy[c]);
-          out.sum_dy_centred[c] +=
-              double(work.block_dy_centred[c]) + work.gap[c] * double(work.block_dy[c]);
-        }
-      }
-      if (chunks == 1) store(g, out);
-    }
-  });
-  if (chunks == 1) return;
-  for (index_t g = 0; g < G; ++g) {
-    const slot first = eigen_slot<slot>(scratch, g * chunks, C);
-    for (index_t j = 1; j < chunks; ++j) {
-      const slot other = eigen_slot<slot>(scratch, g * chunks + j, C);
-      for (index_t c = 0; c < C; ++c) {
-        first.sum_dy[c] += other.sum_dy[c];
-        first.sum_dy_centred[c] += other.sum_dy_centred[c];
-      }
-    }
-    store(g, first);
-  }
+  const auto store = [&](index_t g, const slot& s) {
+    eigen_sums_store(s, sum_dy.data() + g * C, sum_dy_centred.data() + g * C, C);
+  };
+  eigen_reduce_units<slot>(scratch, C, G, chunks, team, reduce, store);
 }
 
 template <eigen_path Path, class T, class P>
@@ -1391,7 +1393,6 @@ void eigen_sums_rows(tensor_view<const T> dy, tensor_view<const T> x, span<const
   using slot = eigen_sums_slot<T>;
   const index_t C = x.channels(), G = x.batch() / group_size;
   const index_t pixels = group_size * x.spatial(), chunks = eigen_chunks(G, team);
-  const index_t units = G * chunks;
   const index_t block = eigen_rows_block(C);
   const eigen_pixels<const T> pdy(dy, false), px(x, false);
   if constexpr (std::is_same_v<T, P> && Path == eigen_path::rows) {
@@ -1411,55 +1412,25 @@ void eigen_sums_rows(tensor_view<const T> dy, tensor_view<const T> x, span<const
       return;
     }
   }
-  auto store = [&](index_t g, const slot& s) {
-    for (index_t c = 0; c < C; ++c) {
-      sum_dy[g * C + c] = P(s.sum_dy[c]);
-      sum_dy_centred[g * C + c] = P(s.sum_dy_centred[c]);
-    }
+  const auto reduce = [&](index_t g, index_t j, const slot& out, const slot& work) {
+    eigen_sums_begin(out, work, centre.data() + g * C, C);
+    eigen_for_each_run(
+        g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
+        [&](index_t p, index_t length) {
+          std::fill(work.block_dy, work.block_dy + C, T(0));
+          std::fill(work.block_dy_centred, work.block_dy_centred + C, T(0));
+          const eigen_products<T> rows{pdy.at(p), pdy.pixel_stride, pdy.channel_stride,
+                                       px.at(p), px.pixel_stride, px.channel_stride};
+          eigen_column_sums<true, true>(rows, length, C, work.centre, work.block_dy,
+                                        work.block_dy_centred);
+          eigen_sums_fold(out, work, C);
+        },
+        pdy, px);
   };
-  eigen_parallel(team, [&](int part) {
-    const slot work = eigen_slot<slot>(scratch, part, C);
-    const index_t last = eigen_first_unit(units, part + 1, team);
-    for (index_t unit = eigen_first_unit(units, part, team); unit < last; ++unit) {
-      const index_t g = unit / chunks, j = unit % chunks;
-      const slot out = chunks > 1 ? eigen_slot<slot>(scratch, unit, C) : work;
-      for (index_t c = 0; c < C; ++c) {
-        out.sum_dy[c] = 0;
-        out.sum_dy_centred[c] = 0;
-        const double exact = double(centre[g * C + c]);
-        work.centre[c] = T(exact);
-        work.gap[c] = double(work.centre[c]) - exact;
-      }
-      eigen_for_each_run(
-          g * pixels + pixels * j / chunks, g * pixels + pixels * (j + 1) / chunks, block,
-          [&](index_t p, index_t length) {
-            std::fill(work.block_dy, work.block_dy + C, T(0));
-            std::fill(work.block_dy_centred, work.block_dy_centred + C, T(0));
-            const eigen_products<T> rows{pdy.at(p), pdy.pixel_stride, pdy.channel_stride,
-                                         px.at(p), px.pixel_stride, px.channel_stride};
-            eigen_column_sums<true, true>(rows, length, C, work.centre, work.block_dy,
-                                          work.block_dy_centred);
-            for (index_t c = 0; c < C; ++c) {  // a loop the compiler vectorizes
-              out.sum_dy[c] += double(work.block_dy[c]);
-              out.sum_dy_centred[c] +=
-                  double(work.block_dy_centred[c]) + work.gap[c] * double(work.block_dy[c]);
-            }
-          },
-          pdy, px);
-      if (chunks == 1) store(g, out);
-    }
-  });
-  if (chunks == 1) return;
-  for (index_t g = 0; g < G; ++g) {
-    const slot first = eigen_slot<slot>(scratch, g * chunks, C);
-    for (index_t j = 1; j < chunks; ++j) {
-      const slot other = eigen_slot<slot>(scratch, g * chunks + j, C);
-      eigen_channel_row<double>(first.sum_dy, C) += eigen_channel_row<double>(other.sum_dy, C);
-      eigen_channel_row<double>(first.sum_dy_centred, C) +=
-          eigen_channel_row<double>(other.sum_dy_centred, C);
-    }
-    store(g, first);
-  }
+  const auto store = [&](index_t g, const slot& s) {
+    eigen_sums_store(s, sum_dy.data() + g * C, sum_dy_centred.data() + g * C, C);
+  };
+  eigen_reduce_units<slot>(scratch, C, G, chunks, team, reduce, store);
 }
 
 /// Pixels per unit of work of the elementwise passes; units never straddle groups, so a unit
