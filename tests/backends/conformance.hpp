@@ -16,22 +16,14 @@
 
 #include "bkn/backends/reference.hpp"
 #include "bkn/bkn.hpp"
+#include "support/host_tensor.hpp"
 
 namespace conformance {
 
 using bkn::index_t;
 
-enum class layout { nc, nchw, nhwc, strided };
-
-inline const char* name(layout l) {
-  switch (l) {
-    case layout::nc: return "NC";
-    case layout::nchw: return "NCHW";
-    case layout::nhwc: return "NHWC";
-    case layout::strided: return "strided";
-  }
-  return "?";
-}
+using bkn_test::layout;
+using bkn_test::layout_name;
 
 struct layer_case {
   index_t batch, channels, height, width, group_size;
@@ -271,7 +263,7 @@ double relative_error(const std::vector<V>& a, const std::vector<V>& b) {
 }
 
 inline std::string describe(const layer_case& c) {
-  return std::string(name(c.storage)) + " N=" + std::to_string(c.batch) +
+  return std::string(layout_name(c.storage)) + " N=" + std::to_string(c.batch) +
          " C=" + std::to_string(c.channels) + " HxW=" + std::to_string(c.height) + "x" +
          std::to_string(c.width) + " group=" + std::to_string(c.group_size) +
          (c.mode == bkn::covariance::full ? " full" : " diag") +

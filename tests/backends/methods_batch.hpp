@@ -202,7 +202,7 @@ inline std::vector<layer_case> sweep(std::size_t count) {
 }
 
 inline std::string describe_shape(const layer_case& c) {
-  return std::string(conformance::name(c.storage)) + " N=" + std::to_string(c.batch) +
+  return std::string(conformance::layout_name(c.storage)) + " N=" + std::to_string(c.batch) +
          " C=" + std::to_string(c.channels) + " HxW=" + std::to_string(c.height) + "x" +
          std::to_string(c.width) + " group=" + std::to_string(c.group_size);
 }

@@ -20,6 +20,7 @@
 #include <bkn/bkn.hpp>
 
 #include "support/finite_difference.hpp"
+#include "support/host_tensor.hpp"
 
 namespace {
 
@@ -74,82 +75,9 @@ void fill_covariance(random_source& rng, std::vector<P>& cov, index_t groups, in
 
 // ---- Tensors in every layout ----------------------------------------------------------------
 
-enum class layout { nc, nchw, nhwc, strided };
-
-const char* layout_name(layout l) {
-  switch (l) {
-    case layout::nc: return "NC";
-    case layout::nchw: return "NCHW";
-    case layout::nhwc: return "NHWC";
-    case layout::strided: return "strided";
-  }
-  return "?";
-}
-
-/// A tensor over its own memory. The strided layout spaces every element (width stride 2,
-/// padded rows, planes and samples); its gaps hold NaN, so a kernel that reads outside the view
-/// poisons the result, and a kernel that writes there is caught by gaps_untouched().
-class host_tensor {
- public:
-  host_tensor(layout l, bkn::tensor_shape shape) : shape_(shape) {
-    const index_t C = shape.channels, H = shape.height, W = shape.width;
-    switch (l) {
-      case layout::nc:
-        REQUIRE(shape.spatial() == 1);
-        strides_ = {C, 1, 1, 1};
-        break;
-      case layout::nchw: strides_ = {C * H * W, H * W, W, 1}; break;
-      case layout::nhwc: strides_ = {H * W * C, 1, W * C, C}; break;
-      case layout::strided: {
-        const index_t row = 2 * W + 1, plane = H * row + 1;
-        strides_ = {C * plane + 3, plane, row, 2};
-        break;
-      }
-    }
-    const index_t last = shape.elements() == 0
-                             ? 0
-                             : (shape.batch - 1) * strides_.batch +
-                                   (C - 1) * strides_.channel + (H - 1) * strides_.height +
-                                   (W - 1) * strides_.width + 1;
-    memory_.assign(std::size_t(last), std::numeric_limits<P>::quiet_NaN());
-    for (P* e : entries()) *e = 0;
-  }
-
-  bkn::tensor_view<P> view() { return {memory_.data(), shape_, strides_}; }
-  bkn::tensor_view<const P> cview() const { return {memory_.data(), shape_, strides_}; }
-  const bkn::tensor_shape& shape() const { return shape_; }
-
-  /// The elements of the view, in (n, c, h, w) order.
-  std::vector<P*> entries() {
-    std::vector<P*> out;
-    const auto v = view();
-    for (index_t n = 0; n < shape_.batch; ++n)
-      for (index_t c = 0; c < shape_.channels; ++c)
-        for (index_t s = 0; s < shape_.spatial(); ++s) out.push_back(&v.at(n, c, s));
-    return out;
-  }
-  std::vector<P> values() {
-    std::vector<P> out;
-    for (P* e : entries()) out.push_back(*e);
-    return out;
-  }
-  void fill(random_source& rng, double mean, double deviation) {
-    for (P* e : entries()) *e = mean + deviation * rng.normal();
-  }
-  /// True when every element outside the view is still NaN.
-  bool gaps_untouched() {
-    std::vector<bool> inside(memory_.size(), false);
-    for (P* e : entries()) inside[std::size_t(e - memory_.data())] = true;
-    for (std::size_t i = 0; i < memory_.size(); ++i)
-      if (!inside[i] && !std::isnan(memory_[i])) return false;
-    return true;
-  }
-
- private:
-  bkn::tensor_shape shape_;
-  bkn::tensor_strides strides_{};
-  std::vector<P> memory_;
-};
+using bkn_test::layout;
+using bkn_test::layout_name;
+using host_tensor = bkn_test::host_tensor<P>;
 
 bkn::gaussian_view<const P> const_gaussian(const std::vector<P>& mean, const std::vector<P>& cov,
                                            index_t groups, index_t channels) {

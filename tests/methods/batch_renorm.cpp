@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "methods/batch_cases.hpp"
 #include "support/finite_difference.hpp"
 #include "support/thrown.hpp"
 
@@ -28,104 +29,12 @@ using bkn::span;
 using B = bkn::reference_backend;
 namespace brn = bkn::batch_renorm;
 
-enum class layout { nc, nchw, nhwc, strided };
-
-const char* name(layout l) {
-  switch (l) {
-    case layout::nc:
-      return "NC";
-    case layout::nchw:
-      return "NCHW";
-    case layout::nhwc:
-      return "NHWC";
-    case layout::strided:
-      return "strided";
-  }
-  return "?";
-}
-
-/// A tensor over its own memory; the strided layout leaves gaps, which hold NaN so that a pass
-/// reading outside the view poisons its result.
-template <class T>
-class host_tensor {
- public:
-  host_tensor(layout l, bkn::tensor_shape shape) : shape_(shape) {
-    const index_t C = shape.channels, H = shape.height, W = shape.width;
-    switch (l) {
-      case layout::nc:
-        strides_ = {C, 1, 1, 1};
-        break;
-      case layout::nchw:
-        strides_ = {C * H * W, H * W, W, 1};
-        break;
-      case layout::nhwc:
-        strides_ = {H * W * C, 1, W * C, C};
-        break;
-      case layout::strided: {
-        const index_t row = 2 * W + 1, plane = H * row + 1;
-        strides_ = {C * plane + 3, plane, row, 2};
-        break;
-      }
-    }
-    const index_t last = shape.elements() == 0
-                             ? 0
-                             : (shape.batch - 1) * strides_.batch + (C - 1) * strides_.channel +
-                                   (H - 1) * strides_.height + (W - 1) * strides_.width + 1;
-    memory_.assign(std::size_t(last), std::numeric_limits<T>::quiet_NaN());
-    for (T* e : entries()) *e = 0;
-  }
-
-  bkn::tensor_view<T> view() { return {memory_.data(), shape_, strides_}; }
-  bkn::tensor_view<const T> cview() const { return {memory_.data(), shape_, strides_}; }
-  T& at(index_t n, index_t c, index_t s) { return view().at(n, c, s); }
-  std::vector<T*> entries() {
-    std::vector<T*> out;
-    const auto v = view();
-    for (index_t n = 0; n < shape_.batch; ++n)
-      for (index_t c = 0; c < shape_.channels; ++c)
-        for (index_t s = 0; s < shape_.spatial(); ++s) out.push_back(&v.at(n, c, s));
-    return out;
-  }
-  std::vector<T> values() {
-    std::vector<T> out;
-    for (T* e : entries()) out.push_back(*e);
-    return out;
-  }
-  std::vector<T>& memory() { return memory_; }
-
- private:
-  bkn::tensor_shape shape_;
-  bkn::tensor_strides strides_{};
-  std::vector<T> memory_;
-};
-
-struct shape_case {
-  layout lay;
-  bkn::tensor_shape shape;
-  index_t group_size;  // 0: the whole batch
-};
-
-std::string describe(const shape_case& c) {
-  return std::string(name(c.lay)) + " N=" + std::to_string(c.shape.batch) +
-         " C=" + std::to_string(c.shape.channels) + " HxW=" + std::to_string(c.shape.height) + "x" +
-         std::to_string(c.shape.width) + " group=" + std::to_string(c.group_size);
-}
-
-/// Every layout, N = 1, odd C, 1x1 and non-square images, one group and several.
-std::vector<shape_case> shape_cases() {
-  return {{layout::nc, {6, 3, 1, 1}, 2},      {layout::nc, {5, 1, 1, 1}, 0},
-          {layout::nc, {8, 5, 1, 1}, 4},      {layout::nchw, {4, 3, 2, 3}, 2},
-          {layout::nchw, {1, 3, 2, 2}, 0},    {layout::nchw, {3, 2, 1, 1}, 3},
-          {layout::nhwc, {4, 5, 3, 2}, 1},    {layout::nhwc, {2, 3, 1, 2}, 0},
-          {layout::strided, {4, 3, 2, 2}, 2}, {layout::strided, {3, 1, 3, 1}, 1}};
-}
-
-/// Two values per channel and group normalize to -1 and +1 whatever they are, so a gradient
-/// through batch statistics is only epsilon's effect there and may vanish.
-bool two_values(const shape_case& c) {
-  const index_t n = c.group_size == 0 ? c.shape.batch : c.group_size;
-  return n * c.shape.spatial() == 2;
-}
+using bkn_test::describe;
+using bkn_test::host_tensor;
+using bkn_test::layout;
+using bkn_test::shape_case;
+using bkn_test::shape_cases;
+using bkn_test::two_values;
 
 /// One batch_renorm layer over host memory with random inputs, parameters and moving averages.
 template <class T>

@@ -44,7 +44,7 @@ struct pass_case {
 };
 
 inline std::string describe(const pass_case& c) {
-  return std::string(conformance::name(c.first)) + " + " + conformance::name(c.second) +
+  return std::string(conformance::layout_name(c.first)) + " + " + conformance::layout_name(c.second) +
          " N=" + std::to_string(c.batch) + " C=" + std::to_string(c.channels) +
          " HxW=" + std::to_string(c.height) + "x" + std::to_string(c.width) +
          " group=" + std::to_string(c.group_size);
