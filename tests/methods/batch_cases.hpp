@@ -1,10 +1,16 @@
 // SPDX-License-Identifier: MIT
-// The cases the batch methods' tests (batch norm, batch renorm, memorized batch norm) run on:
-// every layout, N = 1, odd C, 1x1 and non-square images, one statistics group and several.
+// The cases the batch methods' tests (batch norm, batch renorm, memorized batch norm) run on,
+// every layout and grouping, and the checks they share: statistics from their definition, errors.
 #pragma once
 
+#include <doctest/doctest.h>
+
+#include <algorithm>
 #include <bkn/tensor.hpp>
+#include <cmath>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "support/host_tensor.hpp"
@@ -36,6 +42,38 @@ inline std::vector<shape_case> shape_cases() {
 inline bool two_values(const shape_case& c) {
   const bkn::index_t n = c.group_size == 0 ? c.shape.batch : c.group_size;
   return n * c.shape.spatial() == 2;
+}
+
+/// Mean and biased variance of group g, channel c, straight from the definition, in double.
+template <class T>
+std::pair<double, double> group_statistics(host_tensor<T>& x, bkn::index_t group_size,
+                                           bkn::index_t g, bkn::index_t c, bkn::index_t spatial) {
+  double sum = 0, count = 0;
+  for (bkn::index_t n = g * group_size; n < (g + 1) * group_size; ++n)
+    for (bkn::index_t s = 0; s < spatial; ++s, ++count) sum += double(x.at(n, c, s));
+  const double mean = sum / count;
+  double m2 = 0;
+  for (bkn::index_t n = g * group_size; n < (g + 1) * group_size; ++n)
+    for (bkn::index_t s = 0; s < spatial; ++s) m2 += std::pow(double(x.at(n, c, s)) - mean, 2);
+  return {mean, m2 / count};
+}
+
+/// The agreement expected of results computed two ways in T.
+template <class T>
+double tolerance() {
+  return std::is_same_v<T, double> ? 1e-12 : 2e-5;
+}
+
+/// max |a - b| relative to max(1, max |b|).
+template <class U, class V>
+double max_error(const std::vector<U>& a, const std::vector<V>& b) {
+  REQUIRE(a.size() == b.size());
+  double err = 0, scale = 1;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::abs(double(a[i]) - double(b[i])));
+    scale = std::max(scale, std::abs(double(b[i])));
+  }
+  return err / scale;
 }
 
 }  // namespace bkn_test

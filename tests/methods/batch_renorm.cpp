@@ -30,6 +30,9 @@ using B = bkn::reference_backend;
 namespace brn = bkn::batch_renorm;
 
 using bkn_test::describe;
+using bkn_test::group_statistics;
+using bkn_test::max_error;
+using bkn_test::tolerance;
 using bkn_test::host_tensor;
 using bkn_test::layout;
 using bkn_test::shape_case;
@@ -98,37 +101,6 @@ struct problem {
     return s;
   }
 };
-
-/// Mean and biased variance of group g, channel c, straight from the definition, in double.
-template <class T>
-std::pair<double, double> group_statistics(host_tensor<T>& x, index_t group_size, index_t g,
-                                           index_t c, index_t spatial) {
-  double sum = 0, count = 0;
-  for (index_t n = g * group_size; n < (g + 1) * group_size; ++n)
-    for (index_t s = 0; s < spatial; ++s, ++count) sum += double(x.at(n, c, s));
-  const double mean = sum / count;
-  double m2 = 0;
-  for (index_t n = g * group_size; n < (g + 1) * group_size; ++n)
-    for (index_t s = 0; s < spatial; ++s) m2 += std::pow(double(x.at(n, c, s)) - mean, 2);
-  return {mean, m2 / count};
-}
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 2e-5;
-}
-
-/// max |a - b| relative to max(1, max |b|).
-template <class U, class V>
-double max_error(const std::vector<U>& a, const std::vector<V>& b) {
-  REQUIRE(a.size() == b.size());
-  double err = 0, scale = 1;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return err / scale;
-}
 
 }  // namespace
 

@@ -30,6 +30,8 @@ using B = bkn::reference_backend;
 namespace mbn = bkn::memorized_batch_norm;
 
 using bkn_test::describe;
+using bkn_test::max_error;
+using bkn_test::tolerance;
 using bkn_test::host_tensor;
 using bkn_test::layout;
 using bkn_test::shape_case;
@@ -181,23 +183,6 @@ pooled pool(const std::vector<std::vector<double>>& batches, double decay) {
   }
   const double rest = 1 - sw2 / (sw * sw);  // 0 for a single value: no correction then
   return {mean, m2 / sw, rest > 0 ? 1 / rest : 1.0};
-}
-
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, double> ? 1e-12 : 2e-5;
-}
-
-/// max |a - b| relative to max(1, max |b|).
-template <class U, class V>
-double max_error(const std::vector<U>& a, const std::vector<V>& b) {
-  REQUIRE(a.size() == b.size());
-  double err = 0, scale = 1;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return err / scale;
 }
 
 }  // namespace
