@@ -17,6 +17,7 @@
 #include "bkn/backends/reference.hpp"
 #include "bkn/methods/filter_response_norm.hpp"
 #include "bkn/methods/group_norm.hpp"
+#include "support/sentinel_tensor.hpp"
 
 namespace methods_sample {
 
@@ -24,19 +25,8 @@ using bkn::index_t;
 using bkn::span;
 namespace frn = bkn::filter_response_norm;
 
-enum class layout { nc, nchw, nhwc, rows, padded, padded_last };
-
-const char* name(layout l) {
-  switch (l) {
-    case layout::nc: return "NC";
-    case layout::nchw: return "NCHW";
-    case layout::nhwc: return "NHWC";
-    case layout::rows: return "rows";  // H, W do not merge; a group's channels and H do
-    case layout::padded: return "padded";  // nothing merges: the per-channel fallback
-    case layout::padded_last: return "padded_last";
-  }
-  return "?";
-}
+using layout = bkn_test::padded_layout;
+using bkn_test::padded_layout_name;
 
 struct sample_case {
   index_t N, C, H, W, groups;
@@ -46,7 +36,8 @@ struct sample_case {
 };
 
 std::string describe(const sample_case& c) {
-  return std::string(name(c.storage)) + " N=" + std::to_string(c.N) + " C=" + std::to_string(c.C) +
+  return std::string(padded_layout_name(c.storage)) + " N=" + std::to_string(c.N) +
+         " C=" + std::to_string(c.C) +
          " HxW=" + std::to_string(c.H) + "x" + std::to_string(c.W) +
          " groups=" + std::to_string(c.groups) + (c.tlu ? " TLU" : "") +
          " eps=" + std::to_string(c.learned);
@@ -83,26 +74,7 @@ std::vector<sample_case> sweep(std::size_t count) {
 }
 
 template <class T>
-struct tensor {
-  std::vector<T> memory;
-  bkn::tensor_view<T> view;
-
-  tensor(layout l, index_t N, index_t C, index_t H, index_t W, T sentinel) {
-    bkn::tensor_strides s{};
-    switch (l) {
-      case layout::nc:
-      case layout::nchw: s = {C * H * W, H * W, W, 1}; break;
-      case layout::nhwc: s = {H * W * C, 1, W * C, C}; break;
-      case layout::rows: s = {C * H * (W + 2) + 3, H * (W + 2), W + 2, 1}; break;
-      case layout::padded: s = {(C + 1) * (H + 1) * (W + 2), (H + 1) * (W + 2), W + 2, 1}; break;
-      case layout::padded_last: s = {(H * (W * (C + 1) + 1)) + 2, 1, W * (C + 1) + 1, C + 1}; break;
-    }
-    memory.assign(std::size_t(N * s.batch + C * s.channel + H * s.height + W * s.width + 4),
-                  sentinel);
-    view = bkn::strided(memory.data() + 1, {N, C, H, W}, s);
-  }
-  bkn::tensor_view<const T> cview() const { return view; }
-};
+using tensor = bkn_test::sentinel_tensor<T>;
 
 /// Exactly `bytes` of aligned workspace followed by a canary that a pass writing past the
 /// workspace would change.
@@ -170,7 +142,6 @@ run_result<T> run_methods(const Backend& backend, const sample_case& c, std::uin
   // Filter response normalization, dx written over a copy of dy (in place).
   {
     tensor<T> y(c.storage, N, C, H, W, T(-7)), dx = dy;
-    dx.view = bkn::strided(dx.memory.data() + 1, dy.view.shape(), dy.view.strides());
     std::vector<T> gamma = per_channel(1, 0.2), beta = per_channel(0, 0.5),
                    tau = per_channel(0, 0.5), learned;
     if (c.learned) learned = per_channel(0.2, 0.3);

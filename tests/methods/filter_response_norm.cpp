@@ -17,6 +17,7 @@
 #include "bkn/methods/filter_response_norm.hpp"
 #include "bkn/storage.hpp"
 #include "support/finite_difference.hpp"
+#include "support/sentinel_tensor.hpp"
 #include "support/thrown.hpp"
 
 namespace {
@@ -26,41 +27,11 @@ using bkn::span;
 using B = bkn::reference_backend;
 namespace frn = bkn::filter_response_norm;
 
-enum class layout { nc, nchw, nhwc, padded, padded_last };
+using layout = bkn_test::padded_layout;
+using bkn_test::padded_layout_name;
 
-const char* name(layout l) {
-  switch (l) {
-    case layout::nc: return "NC";
-    case layout::nchw: return "NCHW";
-    case layout::nhwc: return "NHWC";
-    case layout::padded: return "padded";
-    case layout::padded_last: return "padded_last";
-  }
-  return "?";
-}
-
-/// A tensor in one layout inside a larger buffer filled with a sentinel.
 template <class T>
-struct tensor {
-  std::vector<T> memory;
-  bkn::tensor_view<T> view;
-
-  tensor(layout l, index_t N, index_t C, index_t H, index_t W, T sentinel) {
-    bkn::tensor_strides s{};
-    switch (l) {
-      case layout::nc:
-      case layout::nchw: s = {C * H * W, H * W, W, 1}; break;
-      case layout::nhwc: s = {H * W * C, 1, W * C, C}; break;
-      case layout::padded: s = {(C + 1) * (H + 1) * (W + 2), (H + 1) * (W + 2), W + 2, 1}; break;
-      case layout::padded_last: s = {(H * (W * (C + 1) + 1)) + 2, 1, W * (C + 1) + 1, C + 1}; break;
-    }
-    memory.assign(std::size_t(N * s.batch + C * s.channel + H * s.height + W * s.width + 4),
-                  sentinel);
-    view = bkn::strided(memory.data() + 1, {N, C, H, W}, s);
-  }
-  bkn::tensor_view<const T> cview() const { return view; }
-  T& at(index_t n, index_t c, index_t h, index_t w) const { return view(n, c, h, w); }
-};
+using tensor = bkn_test::sentinel_tensor<T>;
 
 template <class T>
 void fill_random(tensor<T>& t, std::mt19937& rng, double offset_per_channel, double scale) {
@@ -126,7 +97,8 @@ struct frn_case {
 };
 
 std::string describe(const frn_case& f) {
-  return std::string(name(f.storage)) + " N=" + std::to_string(f.N) + " C=" + std::to_string(f.C) +
+  return std::string(padded_layout_name(f.storage)) + " N=" + std::to_string(f.N) +
+         " C=" + std::to_string(f.C) +
          " HxW=" + std::to_string(f.H) + "x" + std::to_string(f.W) + (f.tlu ? " TLU" : "") +
          (f.learned == 0 ? " fixed eps" : f.learned == 1 ? " learned eps" : " per-channel eps");
 }
@@ -309,8 +281,6 @@ TEST_CASE_TEMPLATE("filter_response_norm: backward without saved nu2 equals back
   const index_t N = 3, C = 4, H = 2, W = 5;
   tensor<T> x(layout::nhwc, N, C, H, W, T(0)), y(layout::nhwc, N, C, H, W, T(0));
   tensor<T> dy(layout::nhwc, N, C, H, W, T(0)), dx1 = y, dx2 = y;
-  dx1.view = bkn::nhwc(dx1.memory.data() + 1, N, C, H, W);
-  dx2.view = bkn::nhwc(dx2.memory.data() + 1, N, C, H, W);
   fill_random(x, rng, 1.0, 1.0);
   fill_random(dy, rng, 0.0, 1.0);
   std::vector<T> gamma(4, T(1.5)), beta(4, T(0.1)), tau(4, T(0.2)), eps(4, T(0.01));
@@ -346,8 +316,6 @@ TEST_CASE_TEMPLATE("filter_response_norm: y may be x, dx may be dy", T, float, d
     frn::forward(B{}, opt, L, x.cview(), y.view, ws.bytes());
     frn::backward(B{}, opt, L, x.cview(), dy.cview(), dx.view, ws.bytes());
     tensor<T> in_place = x, grad_in_place = dy;
-    in_place.view = bkn::nchw(in_place.memory.data() + 1, N, C, H, W);
-    grad_in_place.view = bkn::nchw(grad_in_place.memory.data() + 1, N, C, H, W);
     L.grads.tau = dtau2;
     frn::backward(B{}, opt, L, in_place.cview(), grad_in_place.cview(), grad_in_place.view,
                   ws.bytes());
@@ -535,11 +503,9 @@ TEST_CASE("filter_response_norm: float tensors with double per-channel arrays") 
   std::mt19937 rng(16);
   const index_t N = 3, C = 4, H = 3, W = 5;
   tensor<double> xd(layout::padded_last, N, C, H, W, 0.0), dyd = xd;
-  dyd.view = bkn::strided(dyd.memory.data() + 1, xd.view.shape(), xd.view.strides());
   fill_random(xd, rng, 0.5, 1.0);
   fill_random(dyd, rng, 0.0, 1.0);
   tensor<float> xf(layout::padded_last, N, C, H, W, 0.0f), dyf = xf;
-  dyf.view = bkn::strided(dyf.memory.data() + 1, xf.view.shape(), xf.view.strides());
   for (std::size_t i = 0; i < xd.memory.size(); ++i) {
     xf.memory[i] = float(xd.memory[i]);
     dyf.memory[i] = float(dyd.memory[i]);
@@ -548,8 +514,6 @@ TEST_CASE("filter_response_norm: float tensors with double per-channel arrays") 
   }
   tensor<double> yd(layout::padded_last, N, C, H, W, 0.0), dxd = yd;
   tensor<float> yf(layout::padded_last, N, C, H, W, 0.0f), dxf = yf;
-  dxd.view = bkn::strided(dxd.memory.data() + 1, yd.view.shape(), yd.view.strides());
-  dxf.view = bkn::strided(dxf.memory.data() + 1, yf.view.shape(), yf.view.strides());
   std::vector<double> gamma(C, 1.25), beta(C, 0.5), tau(C, 0.1), eps{0.01};
   std::vector<double> g1(C), b1(C), t1(C), e1(1), g2(C), b2(C), t2(C), e2(1);
   frn::options opt;

@@ -17,6 +17,7 @@
 #include "bkn/methods/group_norm.hpp"
 #include "bkn/storage.hpp"
 #include "support/finite_difference.hpp"
+#include "support/sentinel_tensor.hpp"
 #include "support/thrown.hpp"
 
 namespace {
@@ -25,53 +26,11 @@ using bkn::index_t;
 using bkn::span;
 using B = bkn::reference_backend;
 
-enum class layout {
-  nc,
-  nchw,
-  nhwc,
-  rows,     // padded lines: H and W do not merge, a group's channels and H do
-  padded,   // every axis padded: no exact re-view, the per-channel fallback
-  padded_last,  // channels-last with padded pixels and lines: the fallback too
-};
+using layout = bkn_test::padded_layout;
+using bkn_test::padded_layout_name;
 
-const char* name(layout l) {
-  switch (l) {
-    case layout::nc: return "NC";
-    case layout::nchw: return "NCHW";
-    case layout::nhwc: return "NHWC";
-    case layout::rows: return "rows";
-    case layout::padded: return "padded";
-    case layout::padded_last: return "padded_last";
-  }
-  return "?";
-}
-
-/// A tensor in one layout inside a larger buffer filled with a sentinel, so that writes
-/// outside the view are caught by comparing the whole buffer.
 template <class T>
-struct tensor {
-  std::vector<T> memory;
-  bkn::tensor_view<T> view;
-
-  tensor(layout l, index_t N, index_t C, index_t H, index_t W, T sentinel) {
-    bkn::tensor_strides s{};
-    switch (l) {
-      case layout::nc:
-      case layout::nchw: s = {C * H * W, H * W, W, 1}; break;
-      case layout::nhwc: s = {H * W * C, 1, W * C, C}; break;
-      case layout::rows: s = {C * H * (W + 2) + 3, H * (W + 2), W + 2, 1}; break;
-      case layout::padded: s = {(C + 1) * (H + 1) * (W + 2), (H + 1) * (W + 2), W + 2, 1}; break;
-      case layout::padded_last:
-        s = {(H * (W * (C + 1) + 1)) + 2, 1, W * (C + 1) + 1, C + 1};
-        break;
-    }
-    memory.assign(std::size_t(N * s.batch + C * s.channel + H * s.height + W * s.width + 4),
-                  sentinel);
-    view = bkn::strided(memory.data() + 1, {N, C, H, W}, s);
-  }
-  bkn::tensor_view<const T> cview() const { return view; }
-  T& at(index_t n, index_t c, index_t h, index_t w) const { return view(n, c, h, w); }
-};
+using tensor = bkn_test::sentinel_tensor<T>;
 
 struct shape {
   index_t N, C, H, W, groups;
@@ -79,7 +38,8 @@ struct shape {
 };
 
 std::string describe(const shape& s) {
-  return std::string(name(s.storage)) + " N=" + std::to_string(s.N) + " C=" + std::to_string(s.C) +
+  return std::string(padded_layout_name(s.storage)) + " N=" + std::to_string(s.N) +
+         " C=" + std::to_string(s.C) +
          " HxW=" + std::to_string(s.H) + "x" + std::to_string(s.W) +
          " groups=" + std::to_string(s.groups);
 }
@@ -172,7 +132,7 @@ TEST_CASE("group_norm: the re-view of each layout is exact, or the fallback is t
 
   // The re-views address exactly the group's values: sum of element addresses per (n, g).
   for (layout l : {layout::nchw, layout::nhwc, layout::rows}) {
-    CAPTURE(name(l));
+    CAPTURE(padded_layout_name(l));
     tensor<double> t(l, 2, 6, 3, 4, 0.0);
     bkn::tensor_view<double> v;
     REQUIRE(bkn::detail::exact_group_view(t.view, 3, v));
@@ -312,7 +272,7 @@ TEST_CASE("group_norm: gradients by finite differences, GN / LN / IN, every layo
 TEST_CASE_TEMPLATE("group_norm: backward without saved statistics equals backward with them", T,
                    float, double) {
   for (layout l : {layout::nchw, layout::padded}) {
-    CAPTURE(name(l));
+    CAPTURE(padded_layout_name(l));
     std::mt19937 rng(5);
     tensor<T> x(l, 3, 6, 3, 2, T(0)), y(l, 3, 6, 3, 2, T(0)), dy(l, 3, 6, 3, 2, T(0));
     tensor<T> dx1(l, 3, 6, 3, 2, T(0)), dx2(l, 3, 6, 3, 2, T(0));
@@ -345,9 +305,6 @@ TEST_CASE_TEMPLATE("layer_norm and instance_norm are group_norm with 1 and C gro
   for (index_t G : {index_t(1), C}) {
     CAPTURE(G);
     tensor<T> y1(layout::nhwc, N, C, H, W, T(0)), y2 = y1, dx1 = y1, dx2 = y1;
-    y2.view = bkn::nhwc(y2.memory.data() + 1, N, C, H, W);
-    dx1.view = bkn::nhwc(dx1.memory.data() + 1, N, C, H, W);
-    dx2.view = bkn::nhwc(dx2.memory.data() + 1, N, C, H, W);
     std::vector<T> m1(std::size_t(N * G)), v1(m1.size()), m2(m1.size()), v2(m1.size());
     std::vector<T> dg1(4), db1(4), dg2(4), db2(4);
     bkn::group_norm::layer<T> a{{gamma, beta}, {dg1, db1}, {m1, v1}};
@@ -415,8 +372,6 @@ TEST_CASE_TEMPLATE("group_norm: y may be x, dx may be dy", T, float, double) {
   bkn::group_norm::forward(B{}, opt, L, x.cview(), y.view, ws.bytes());
   bkn::group_norm::backward(B{}, opt, L, x.cview(), dy.cview(), dx.view, ws.bytes());
   tensor<T> in_place = x, grad_in_place = dy;
-  in_place.view = bkn::nchw(in_place.memory.data() + 1, N, C, H, W);
-  grad_in_place.view = bkn::nchw(grad_in_place.memory.data() + 1, N, C, H, W);
   // backward reads x, so it runs before the in-place forward overwrites it.
   bkn::group_norm::backward(B{}, opt, L, in_place.cview(), grad_in_place.cview(),
                             grad_in_place.view, ws.bytes());
@@ -621,7 +576,6 @@ TEST_CASE("group_norm: float statistics of 1e4 + N(0, 1) stay within 1e-3 of dou
   std::normal_distribution<double> normal;
   const index_t N = 2, C = 8, H = 16, W = 16;
   tensor<float> x(layout::nhwc, N, C, H, W, 0.0f), y = x;
-  y.view = bkn::nhwc(y.memory.data() + 1, N, C, H, W);
   for (index_t n = 0; n < N; ++n)
     for (index_t c = 0; c < C; ++c)
       for (index_t k = 0; k < H * W; ++k) x.view.at(n, c, k) = float(1e4 + normal(rng));
@@ -664,8 +618,6 @@ TEST_CASE("group_norm: float tensors with double per-channel arrays") {
   }
   tensor<double> yd(layout::padded, N, C, H, W, 0.0), dxd = yd;
   tensor<float> yf(layout::padded, N, C, H, W, 0.0f), dxf = yf;
-  dxd.view = bkn::strided(dxd.memory.data() + 1, yd.view.shape(), yd.view.strides());
-  dxf.view = bkn::strided(dxf.memory.data() + 1, yf.view.shape(), yf.view.strides());
   std::vector<double> gamma(C, 1.25), beta(C, 0.5), mean(N * 3), var(N * 3);
   std::vector<double> dg1(C), db1(C), dg2(C), db2(C), mean2(N * 3), var2(N * 3);
   bkn::group_norm::options opt;

@@ -94,7 +94,7 @@ TEST_CASE("kokkos backend: the per-sample methods do not allocate") {
   using backend = bkn::kokkos_backend<Kokkos::DefaultHostExecutionSpace>;
   const backend b{};
   for (layout l : {layout::nhwc, layout::padded}) {
-    CAPTURE(name(l));
+    CAPTURE(padded_layout_name(l));
     const index_t N = 4, C = 6, H = 5, W = 7;
     tensor<float> x(l, N, C, H, W, 1.0f), y(l, N, C, H, W, 0.0f), dy(l, N, C, H, W, 0.5f),
         dx(l, N, C, H, W, 0.0f);
