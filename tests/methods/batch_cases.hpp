@@ -15,7 +15,10 @@
 
 #include "support/host_tensor.hpp"
 
-namespace bkn_test {
+namespace bkn_test::batch_cases {
+
+using bkn_test::host_tensor;
+using bkn_test::layout;
 
 struct shape_case {
   layout lay;
@@ -76,4 +79,4 @@ double max_error(const std::vector<U>& a, const std::vector<V>& b) {
   return err / scale;
 }
 
-}  // namespace bkn_test
+}  // namespace bkn_test::batch_cases

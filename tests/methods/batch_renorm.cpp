@@ -29,15 +29,7 @@ using bkn::span;
 using B = bkn::reference_backend;
 namespace brn = bkn::batch_renorm;
 
-using bkn_test::describe;
-using bkn_test::group_statistics;
-using bkn_test::max_error;
-using bkn_test::tolerance;
-using bkn_test::host_tensor;
-using bkn_test::layout;
-using bkn_test::shape_case;
-using bkn_test::shape_cases;
-using bkn_test::two_values;
+using namespace bkn_test::batch_cases;
 
 /// One batch_renorm layer over host memory with random inputs, parameters and moving averages.
 template <class T>

@@ -29,13 +29,7 @@ using bkn::span;
 using B = bkn::reference_backend;
 namespace mbn = bkn::memorized_batch_norm;
 
-using bkn_test::describe;
-using bkn_test::max_error;
-using bkn_test::tolerance;
-using bkn_test::host_tensor;
-using bkn_test::layout;
-using bkn_test::shape_case;
-using bkn_test::shape_cases;
+using namespace bkn_test::batch_cases;
 
 /// A layer's memory in host vectors. `newest` starts at an arbitrary value on purpose: the
 /// routines must take it modulo the slots.

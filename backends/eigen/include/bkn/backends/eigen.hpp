@@ -1528,7 +1528,6 @@ void eigen_affine_planes_streamed(T* out, const T* u, const T* v, index_t planes
   constexpr index_t L = eigen_lanes<T>;
   const index_t total = planes * n;
   const packet lane = plset<packet>(T(0));
-  index_t c = 0, plane_end = n;  // the plane of element i, and where it ends
   packet pa, pm, pk, pb;
   const auto load = [&](index_t plane) {
     pa = pset1<packet>(a[plane]);
@@ -1547,8 +1546,7 @@ void eigen_affine_planes_streamed(T* out, const T* u, const T* v, index_t planes
   index_t i = 0;
   for (; i < total && !eigen_packet_aligned(out + i); ++i) one(i);
   if (i >= total) return;
-  c = i / n;
-  plane_end = (c + 1) * n;
+  index_t c = i / n, plane_end = (c + 1) * n;  // the plane of element i, and where it ends
   load(c);
   for (; i + L <= total; i += L) {
     if (i + L <= plane_end) {
