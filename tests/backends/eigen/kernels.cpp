@@ -758,83 +758,93 @@ TEST_CASE("short rows are prefetched only from tensors too large for the cache")
 }
 
 TEST_CASE_TEMPLATE("short rows from memory: moments and sums with prefetches", T, float, double) {
-  // NHWC tensors of just over 12 MiB in rows of at most 2 KiB: the wide-row sums prefetch rows
-  // ahead (eigen_prefetch_rows), packet pairs at a time, with a scalar tail at C = 130. Checked
-  // against double-precision sums over each (group, channel), one group and two, 1 and 2 threads.
+  // Channels-last tensors of just over 12 MiB in rows of at most 2 KiB: the wide-row sums
+  // prefetch rows ahead (eigen_prefetch_rows), a cache line of each row at a time, with a
+  // scalar tail at C = 130. Dense (NHWC), and with 3 values of NaN after each row (a pixel
+  // stride of C + 3: a sum that reads the padding turns NaN). Checked against double-precision
+  // sums over each (group, channel), one group and two, 1 and 2 threads.
   const index_t H = 4, W = 8;
-  for (const index_t C : {index_t(130), index_t(2048 / sizeof(T))}) {
-    const std::size_t min_elements = (std::size_t(12) << 20) / sizeof(T);
-    index_t N = index_t(min_elements / std::size_t(C * H * W)) + 1;
-    N += N % 2;
-    const bkn::tensor_shape s{N, C, H, W};
-    REQUIRE(bkn::detail::eigen_prefetch_rows<T>(C, s.elements()) > 0);
-    std::mt19937_64 rng{std::uint64_t(C)};
-    std::normal_distribution<double> normal;
-    std::vector<T> x(std::size_t(s.elements())), dy(x.size());
-    const index_t pixels = N * H * W;
-    for (index_t p = 0; p < pixels; ++p)
-      for (index_t c = 0; c < C; ++c) {
-        x[std::size_t(p * C + c)] = T(0.25 * double(c % 7) + normal(rng));
-        dy[std::size_t(p * C + c)] = T(normal(rng));
-      }
-    const auto view = [&](const std::vector<T>& v) {
-      return bkn::nhwc(static_cast<const T*>(v.data()), N, C, H, W);
-    };
-    for (const index_t gs : {N, N / 2}) {
-      const index_t G = N / gs, rows = gs * H * W;
-      // The exact statistics, in double, per (group, channel).
-      std::vector<double> mean(std::size_t(G * C)), var(mean.size()), sum_dy(mean.size()),
-          sum_dy_centred(mean.size()), scale_dy(mean.size()), scale_dy_centred(mean.size());
-      std::vector<T> centre(mean.size());
-      for (index_t g = 0; g < G; ++g)
+  for (const index_t C : {index_t(130), index_t(2048 / sizeof(T))})
+    for (const index_t pad : {index_t(0), index_t(3)}) {
+      const index_t row = C + pad;
+      const std::size_t min_elements = (std::size_t(12) << 20) / sizeof(T);
+      index_t N = index_t(min_elements / std::size_t(C * H * W)) + 1;
+      N += N % 2;
+      const bkn::tensor_shape s{N, C, H, W};
+      REQUIRE(bkn::detail::eigen_prefetch_rows<T>(C, s.elements()) > 0);
+      std::mt19937_64 rng{std::uint64_t(C)};
+      std::normal_distribution<double> normal;
+      const index_t pixels = N * H * W;
+      std::vector<T> x(std::size_t(pixels * row), std::numeric_limits<T>::quiet_NaN()), dy(x);
+      for (index_t p = 0; p < pixels; ++p)
         for (index_t c = 0; c < C; ++c) {
-          const std::size_t i = std::size_t(g * C + c);
-          const auto at = [&](index_t r) { return std::size_t((g * rows + r) * C + c); };
-          double sum = 0;
-          for (index_t r = 0; r < rows; ++r) sum += double(x[at(r)]);
-          mean[i] = sum / double(rows);
-          centre[i] = T(mean[i] + 0.125);
-          for (index_t r = 0; r < rows; ++r) {
-            const double d = double(x[at(r)]) - mean[i], u = double(x[at(r)]) - double(centre[i]);
-            var[i] += d * d / double(rows);
-            sum_dy[i] += double(dy[at(r)]);
-            sum_dy_centred[i] += double(dy[at(r)]) * u;
-            scale_dy[i] += std::abs(double(dy[at(r)]));
-            scale_dy_centred[i] += std::abs(double(dy[at(r)]) * u);
+          x[std::size_t(p * row + c)] = T(0.25 * double(c % 7) + normal(rng));
+          dy[std::size_t(p * row + c)] = T(normal(rng));
+        }
+      const auto view = [&](const std::vector<T>& v) {
+        bkn::tensor_strides st;
+        st.batch = H * W * row;
+        st.channel = 1;
+        st.height = W * row;
+        st.width = row;
+        return bkn::strided(static_cast<const T*>(v.data()), s, st);
+      };
+      for (const index_t gs : {N, N / 2}) {
+        const index_t G = N / gs, rows = gs * H * W;
+        // The exact statistics, in double, per (group, channel).
+        std::vector<double> mean(std::size_t(G * C)), var(mean.size()), sum_dy(mean.size()),
+            sum_dy_centred(mean.size()), scale_dy(mean.size()), scale_dy_centred(mean.size());
+        std::vector<T> centre(mean.size());
+        for (index_t g = 0; g < G; ++g)
+          for (index_t c = 0; c < C; ++c) {
+            const std::size_t i = std::size_t(g * C + c);
+            const auto at = [&](index_t r) { return std::size_t((g * rows + r) * row + c); };
+            double sum = 0;
+            for (index_t r = 0; r < rows; ++r) sum += double(x[at(r)]);
+            mean[i] = sum / double(rows);
+            centre[i] = T(mean[i] + 0.125);
+            for (index_t r = 0; r < rows; ++r) {
+              const double d = double(x[at(r)]) - mean[i], u = double(x[at(r)]) - double(centre[i]);
+              var[i] += d * d / double(rows);
+              sum_dy[i] += double(dy[at(r)]);
+              sum_dy_centred[i] += double(dy[at(r)]) * u;
+              scale_dy[i] += std::abs(double(dy[at(r)]));
+              scale_dy_centred[i] += std::abs(double(dy[at(r)]) * u);
+            }
           }
+        // Float sums of blocks of 128 rows, merged in double.
+        const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-13;
+        for (const int threads : {1, 2}) {
+          CAPTURE(C);
+          CAPTURE(pad);
+          CAPTURE(gs);
+          CAPTURE(threads);
+          const bkn::eigen_backend backend{threads, 1};
+          scratch_buffer scratch(eigen::scratch_bytes(backend, s, gs, bkn::covariance::diagonal));
+          std::vector<T> got_mean = poisoned<T>(G * C), got_var = poisoned<T>(G * C),
+                         got_dy = poisoned<T>(G * C), got_dy_centred = poisoned<T>(G * C);
+          eigen::moments<T, T>(backend, view(x), gs, got_mean, got_var, scratch.fresh());
+          eigen::sums<T, T>(backend, view(dy), view(x), bkn::span<const T>(centre), gs, got_dy,
+                            got_dy_centred, scratch.fresh());
+          double worst_mean = 0, worst_var = 0, worst_dy = 0, worst_dy_centred = 0;
+          for (std::size_t i = 0; i < mean.size(); ++i) {
+            const auto error = [](double got, double want, double scale) {
+              const double e = std::abs(got - want) / scale;
+              return std::isnan(e) ? 1e300 : e;
+            };
+            worst_mean = std::max(worst_mean, error(got_mean[i], mean[i], std::sqrt(var[i]) + 1));
+            worst_var = std::max(worst_var, error(got_var[i], var[i], var[i]));
+            worst_dy = std::max(worst_dy, error(got_dy[i], sum_dy[i], scale_dy[i]));
+            worst_dy_centred = std::max(
+                worst_dy_centred, error(got_dy_centred[i], sum_dy_centred[i], scale_dy_centred[i]));
+          }
+          CHECK(worst_mean <= tol);
+          CHECK(worst_var <= tol);
+          CHECK(worst_dy <= tol);
+          CHECK(worst_dy_centred <= tol);
         }
-      // Float sums of blocks of 128 rows, merged in double.
-      const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-13;
-      for (const int threads : {1, 2}) {
-        CAPTURE(C);
-        CAPTURE(gs);
-        CAPTURE(threads);
-        const bkn::eigen_backend backend{threads, 1};
-        scratch_buffer scratch(eigen::scratch_bytes(backend, s, gs, bkn::covariance::diagonal));
-        std::vector<T> got_mean = poisoned<T>(G * C), got_var = poisoned<T>(G * C),
-                       got_dy = poisoned<T>(G * C), got_dy_centred = poisoned<T>(G * C);
-        eigen::moments<T, T>(backend, view(x), gs, got_mean, got_var, scratch.fresh());
-        eigen::sums<T, T>(backend, view(dy), view(x), bkn::span<const T>(centre), gs, got_dy,
-                          got_dy_centred, scratch.fresh());
-        double worst_mean = 0, worst_var = 0, worst_dy = 0, worst_dy_centred = 0;
-        for (std::size_t i = 0; i < mean.size(); ++i) {
-          const auto error = [](double got, double want, double scale) {
-            const double e = std::abs(got - want) / scale;
-            return std::isnan(e) ? 1e300 : e;
-          };
-          worst_mean = std::max(worst_mean, error(got_mean[i], mean[i], std::sqrt(var[i]) + 1));
-          worst_var = std::max(worst_var, error(got_var[i], var[i], var[i]));
-          worst_dy = std::max(worst_dy, error(got_dy[i], sum_dy[i], scale_dy[i]));
-          worst_dy_centred = std::max(worst_dy_centred, error(got_dy_centred[i], sum_dy_centred[i],
-                                                              scale_dy_centred[i]));
-        }
-        CHECK(worst_mean <= tol);
-        CHECK(worst_var <= tol);
-        CHECK(worst_dy <= tol);
-        CHECK(worst_dy_centred <= tol);
       }
     }
-  }
 }
 
 TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<float, float>,
