@@ -67,10 +67,12 @@ struct has_group_start<F, std::void_t<decltype(std::declval<const F&>().start(
 ///
 /// and optionally
 ///
-///   static index_t group_chunk(const B&, const tensor_shape& x, index_t group_size);
+///   static index_t group_chunk(const B&, const tensor_shape& x, index_t group_size,
+///                              std::size_t element_bytes);
 ///       how many statistics groups forward and backward should take through their steps at a
 ///       time (each chunk's passes and per-channel math one after another, so that a chunk's
-///       tensors and per-group arrays are read again from cache); absent or 0: all at once.
+///       tensors and per-group arrays are read again from cache), for a tensor x of values of
+///       element_bytes bytes; absent or 0: all at once.
 ///
 /// Every pass is asynchronous with respect to the host on backends that have a stream, and
 /// ordered with the others on the same backend value. The host-side checks are done by the

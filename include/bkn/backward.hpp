@@ -1166,7 +1166,8 @@ void backward(const Backend& backend, const options& opt, const layer<P>& L,
 
   // The reductions, the coefficients, dx and the parameter gradients' sums, a chunk of groups at
   // a time when the backend asks for it (see forward).
-  const index_t chunk = detail::groups_per_chunk(backend, opt, A, x.shape(), group_size);
+  const index_t chunk =
+      detail::groups_per_chunk(backend, opt, A, x.shape(), group_size, sizeof(T));
   for (index_t g0 = 0; g0 < G; g0 += chunk) {
     const index_t n = std::min(chunk, G - g0);
     const auto part = [&](auto view) { return detail::groups_of(view, g0, n, G, opt.mode); };

@@ -253,7 +253,8 @@ void forward(const Backend& backend, const options& opt, const layer<P>& L,
       opt.unbiased_running_variance && group_size * x.spatial() > 1
           ? 1.0 / (double(group_size * x.spatial()) - 1)
           : 0.0;
-  const index_t chunk = detail::groups_per_chunk(backend, opt, A, x.shape(), group_size);
+  const index_t chunk =
+      detail::groups_per_chunk(backend, opt, A, x.shape(), group_size, sizeof(T));
   for (index_t g0 = 0; g0 < G; g0 += chunk) {
     const index_t n = std::min(chunk, G - g0);
     const auto part = [&](auto view) { return detail::groups_of(view, g0, n, G, opt.mode); };

@@ -834,25 +834,26 @@ void normalize(const Backend& backend, covariance mode, tensor_view<const T> x,
 template <class Backend, class = void>
 struct has_group_chunk : std::false_type {};
 template <class Backend>
-struct has_group_chunk<Backend, std::void_t<decltype(kernels<Backend>::group_chunk(
-                                    std::declval<const Backend&>(), tensor_shape{}, index_t(0)))>>
+struct has_group_chunk<
+    Backend, std::void_t<decltype(kernels<Backend>::group_chunk(
+                 std::declval<const Backend&>(), tensor_shape{}, index_t(0), std::size_t(0)))>>
     : std::true_type {};
 
 /// Statistics groups that forward and backward run through their steps at a time: what the
 /// backend asks for (all of them without group_chunk), in diagonal mode and for transitions
 /// whose per-channel math is per group (not through the host's weights, whose tap sums are
-/// computed once per call).
+/// computed once per call). `element_bytes`: the size of one of the tensor's values.
 template <class Backend, class P>
 index_t groups_per_chunk(const Backend& backend, const options& opt, const transition<P>& A,
-                         const tensor_shape& x, index_t group_size) {
+                         const tensor_shape& x, index_t group_size, std::size_t element_bytes) {
   using K = kernels<Backend>;
   const index_t G = x.batch / group_size;
   if constexpr (has_group_chunk<Backend>::value) {
     if (opt.mode == covariance::full || A.kind == transition_kind::weights) return G;
-    const index_t chunk = K::group_chunk(backend, x, group_size);
+    const index_t chunk = K::group_chunk(backend, x, group_size, element_bytes);
     return chunk > 0 && chunk < G ? chunk : G;
   } else {
-    (void)backend, (void)opt, (void)A;
+    (void)backend, (void)opt, (void)A, (void)element_bytes;
     return G;
   }
 }

@@ -23,7 +23,9 @@ struct kernels<chunked_reference> {
   using B = chunked_reference;
   using R = kernels<reference_backend>;
 
-  static index_t group_chunk(const B& b, const tensor_shape&, index_t) { return b.chunk; }
+  static index_t group_chunk(const B& b, const tensor_shape&, index_t, std::size_t) {
+    return b.chunk;
+  }
   static std::size_t scratch_bytes(const B&, const tensor_shape& x, index_t gs, covariance m) {
     return R::scratch_bytes(reference_backend{}, x, gs, m);
   }
@@ -63,7 +65,8 @@ bkn::index_t chunk_of(const conformance::layer_case& c, bkn::index_t chunk) {
   bkn::transition<double> A;
   A.kind = c.transition;
   return bkn::detail::groups_per_chunk(chunked_reference{chunk}, opt, A,
-                                       {c.batch, c.channels, c.height, c.width}, c.group_size);
+                                       {c.batch, c.channels, c.height, c.width}, c.group_size,
+                                       sizeof(double));
 }
 
 }  // namespace
@@ -82,7 +85,7 @@ TEST_CASE("group chunks: a backend's chunk size is taken in diagonal mode, never
   // The reference backend has no group_chunk: all at once.
   bkn::options opt;
   CHECK(bkn::detail::groups_per_chunk(bkn::reference_backend{}, opt, bkn::transition<double>(),
-                                      {32, 3, 5, 3}, 2) == 16);
+                                      {32, 3, 5, 3}, 2, sizeof(double)) == 16);
 }
 
 TEST_CASE_TEMPLATE("group chunks: forward and backward in chunks give the bits of one pass", T,

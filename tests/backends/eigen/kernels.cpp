@@ -750,11 +750,12 @@ TEST_CASE_TEMPLATE("planes: affine in blocks of whole planes or streamed runs of
 TEST_CASE("short rows are prefetched only from tensors too large for the cache") {
   using bkn::detail::eigen_prefetch_rows;
   const index_t large = index_t((std::size_t(12) << 20) / sizeof(float));
-  CHECK(eigen_prefetch_rows<float>(512, large) == 8);  // 2 KiB rows, 16 KiB ahead
-  CHECK(eigen_prefetch_rows<float>(128, large) == 32);
-  CHECK(eigen_prefetch_rows<double>(256, large / 2) == 8);
-  CHECK(eigen_prefetch_rows<float>(513, large) == 0);  // rows longer than 2 KiB
-  CHECK(eigen_prefetch_rows<float>(512, large - 1) == 0);  // a tensor that fits in cache
+  CHECK(eigen_prefetch_rows(512, large, sizeof(float)) == 8);  // 2 KiB rows, 16 KiB ahead
+  CHECK(eigen_prefetch_rows(128, large, sizeof(float)) == 32);
+  CHECK(eigen_prefetch_rows(256, large / 2, sizeof(double)) == 8);
+  CHECK(eigen_prefetch_rows(513, large, sizeof(float)) == 0);  // rows longer than 2 KiB
+  CHECK(eigen_prefetch_rows(512, large / 2, sizeof(double)) == 0);
+  CHECK(eigen_prefetch_rows(512, large - 1, sizeof(float)) == 0);  // a tensor that fits in cache
 }
 
 TEST_CASE_TEMPLATE("short rows from memory: moments and sums with prefetches", T, float, double) {
@@ -771,7 +772,7 @@ TEST_CASE_TEMPLATE("short rows from memory: moments and sums with prefetches", T
       index_t N = index_t(min_elements / std::size_t(C * H * W)) + 1;
       N += N % 2;
       const bkn::tensor_shape s{N, C, H, W};
-      REQUIRE(bkn::detail::eigen_prefetch_rows<T>(C, s.elements()) > 0);
+      REQUIRE(bkn::detail::eigen_prefetch_rows(C, s.elements(), sizeof(T)) > 0);
       std::mt19937_64 rng{std::uint64_t(C)};
       std::normal_distribution<double> normal;
       const index_t pixels = N * H * W;
@@ -804,7 +805,8 @@ TEST_CASE_TEMPLATE("short rows from memory: moments and sums with prefetches", T
             mean[i] = sum / double(rows);
             centre[i] = T(mean[i] + 0.125);
             for (index_t r = 0; r < rows; ++r) {
-              const double d = double(x[at(r)]) - mean[i], u = double(x[at(r)]) - double(centre[i]);
+              const double d = double(x[at(r)]) - mean[i];
+              const double u = double(x[at(r)]) - double(centre[i]);
               var[i] += d * d / double(rows);
               sum_dy[i] += double(dy[at(r)]);
               sum_dy_centred[i] += double(dy[at(r)]) * u;
