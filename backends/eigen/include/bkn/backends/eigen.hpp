@@ -48,10 +48,20 @@ struct eigen_backend {
 
 namespace detail {
 
-// Elements per thread of a chunk of statistics groups (kernels::group_chunk): 256 KiB of floats,
-// which stay in a core's L2 from one pass to the next; a chunk for several threads is at least
-// the backend's parallel_min_elements, so that its passes are shared.
-inline constexpr index_t eigen_chunk_values = index_t(1) << 16;
+// Bytes of tensor per thread in a chunk of statistics groups (kernels::group_chunk), which stay
+// in a core's L2 from one pass to the next; a chunk for several threads is at least the
+// backend's parallel_min_elements, so that its passes are shared.
+inline constexpr std::size_t eigen_chunk_bytes = std::size_t(256) << 10;
+// Groups are cut into chunks only when a group has at most this many pixels (samples times
+// pixels per sample): its per-channel arrays and math are then of the size of its share of the
+// tensor, and over all groups at once they would spill from cache. Groups of more pixels have
+// per-channel work that is small beside the tensor passes, and chunks cost them forks and
+// passes too short for the rows to stream or be prefetched. Measured here, the time of forward
+// plus backward in chunks over that of all at once (1 and 2 threads): 2 pixels (NC 8192x512 in
+// groups of 2) 0.75-0.86; 4 (the same in groups of 4) 0.94-0.99; 8 and 16 (NCHW and NHWC
+// 4096x512x2x2 in groups of 2 and 4) 0.99-1.15; 98 and 196 (NCHW and NHWC 256x512x7x7 in
+// groups of 2 and 4, two threads) 1.12-1.48.
+inline constexpr index_t eigen_chunk_pixels = 4;
 // Statistics are summed in the element type over blocks of at most this many values per
 // channel, then merged in double. Float rounding then grows with sqrt(block), not with the
 // tensor, and a long plane's block stays in L1 between its two passes.
@@ -1993,22 +2003,20 @@ struct kernels<eigen_backend> {
     return static_cast<std::size_t>(detail::eigen_team(backend, x, group_size)) * slot;
   }
 
-  /// Chunks of groups of about eigen_chunk_values elements per thread, when a group is well
-  /// under that: forward and backward then read each chunk's tensors again from L2 and keep
-  /// its per-group arrays in cache. Larger groups gain nothing from it and would lose the
-  /// streaming stores of whole large outputs: 0, all at once. So does a tensor whose short rows
-  /// the statistics prefetch (eigen_prefetch_rows), as a chunk is too small to be: at two
-  /// threads, NHWC 256x512x7x7 in groups of 2 and 4, forward took 0.60-0.61 and backward
-  /// 0.68-0.72 of the time in chunks.
+  /// Chunks of groups of about eigen_chunk_bytes per thread, when groups have few pixels
+  /// (eigen_chunk_pixels) and are well under that: forward and backward then read each chunk's
+  /// tensors again from L2 and keep its per-group arrays in cache. Larger groups gain nothing
+  /// from it and would lose the streaming stores of whole large outputs: 0, all at once.
   static index_t group_chunk(const B& backend, const tensor_shape& x, index_t group_size,
                              std::size_t element_bytes) {
-    if (detail::eigen_prefetch_rows(x.channels, x.elements(), element_bytes) > 0) return 0;
-    const index_t per_group = group_size * x.channels * x.height * x.width;
+    const index_t pixels = group_size * x.height * x.width;
+    const index_t per_group = pixels * x.channels;
+    if (per_group <= 0 || element_bytes == 0 || pixels > detail::eigen_chunk_pixels) return 0;
+    const index_t per_thread = index_t(detail::eigen_chunk_bytes / element_bytes);
     const index_t budget =
-        backend.threads > 1 ? std::max(detail::eigen_chunk_values * backend.threads,
-                                       backend.parallel_min_elements)
-                            : detail::eigen_chunk_values;
-    if (per_group <= 0 || 2 * per_group > budget) return 0;
+        backend.threads > 1 ? std::max(per_thread * backend.threads, backend.parallel_min_elements)
+                            : per_thread;
+    if (2 * per_group > budget) return 0;
     // Rounded up: a chunk for several threads must reach parallel_min_elements, or its passes
     // would all run on the calling thread; and to whole groups per thread, or the reductions,
     // which give each thread whole groups, would keep one thread waiting (3 groups on 2
