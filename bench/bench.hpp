@@ -20,8 +20,14 @@ namespace bkn_bench {
 
 using bkn::index_t;
 
-/// Allocates 64-byte aligned memory, as frameworks align their tensors (PyTorch, oneDNN):
-/// aligned vector loads and streaming stores need it.
+/// The buffers' alignment: 64 bytes, as frameworks align their tensors (PyTorch, oneDNN), the
+/// buffers wherever the heap puts them; with --page-aligned, 4096, each at the start of a page.
+/// glibc serves a fresh allocation of more than 128 KiB from mmap, 64 bytes into a page, so a
+/// framework's new large tensors sit at one offset in their pages: rows of a multiple of 4 KiB,
+/// of any of them, then share sets of L1 (docs/benchmarks.md, "What limits bkn"). Set before
+/// the first allocation.
+inline std::size_t buffer_alignment = 64;
+
 template <class T>
 struct aligned_allocator {
   using value_type = T;
@@ -29,9 +35,11 @@ struct aligned_allocator {
   template <class U>
   aligned_allocator(const aligned_allocator<U>&) noexcept {}
   T* allocate(std::size_t n) {
-    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(buffer_alignment)));
   }
-  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
+  void deallocate(T* p, std::size_t) noexcept {
+    ::operator delete(p, std::align_val_t(buffer_alignment));
+  }
   template <class U>
   bool operator==(const aligned_allocator<U>&) const noexcept { return true; }
   template <class U>

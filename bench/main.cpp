@@ -32,7 +32,8 @@ void print_help() {
       "  --smoke        tiny shapes only (every benchmark family, seconds in all)\n"
       "  --huge         also the huge shapes and O(G C C') transitions\n"
       "  --threads=N    threads of the multi-threaded lines: Eigen's and the peers' second\n"
-      "                 line and the Kokkos OpenMP pool (default 2; BKN_BENCH_THREADS too)\n\n");
+      "                 line and the Kokkos OpenMP pool (default 2; BKN_BENCH_THREADS too)\n"
+      "  --page-aligned every buffer at the start of a page (default: 64-byte aligned)\n\n");
   benchmark::PrintDefaultHelp();
 }
 
@@ -47,6 +48,8 @@ int main(int argc, char** argv) {
       s.smoke = true;
     else if (std::strcmp(argv[i], "--huge") == 0)
       s.huge = true;
+    else if (std::strcmp(argv[i], "--page-aligned") == 0)
+      bkn_bench::buffer_alignment = 4096;
     else if (std::strncmp(argv[i], "--threads=", 10) == 0)
       s.threads = std::atoi(argv[i] + 10);
     else
@@ -95,6 +98,8 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("bkn_shapes", s.smoke ? "smoke" : s.huge ? "all, huge included"
                                                                        : "default");
   benchmark::AddCustomContext("bkn_threads", std::to_string(s.threads));
+  benchmark::AddCustomContext("bkn_buffer_alignment",
+                              std::to_string(bkn_bench::buffer_alignment));
   benchmark::AddCustomContext("bkn_build", BKN_BENCH_FLAGS);
   std::string backends = "reference";
 #ifdef BKN_BENCH_EIGEN

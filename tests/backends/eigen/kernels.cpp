@@ -849,6 +849,96 @@ TEST_CASE_TEMPLATE("short rows from memory: moments and sums with prefetches", T
     }
 }
 
+TEST_CASE_TEMPLATE("rows 4 KiB apart: sums in halves, the same bits as in rows of other strides",
+                   T, float, double) {
+  // Rows a multiple of 4 KiB apart share a set of L1, and the wide-row sums read them half a
+  // group of rows at a time (eigen_column_packets_halves), in the same order: the results must
+  // be the bits of the same values in rows of another stride, and near sums in double (moments
+  // too, which read rows side by side at any stride). C = 1021 leaves a scalar tail; 406 rows,
+  // groups of 406 and 203, end on a group of fewer than 8 rows.
+  constexpr index_t shared = index_t(4096 / sizeof(T));
+  const index_t N = 406;
+  for (const index_t C : {shared, shared - 3, 4 * shared})
+    for (const index_t gs : {N, N / 2})
+      for (const int threads : {1, 2}) {
+        CAPTURE(C);
+        CAPTURE(gs);
+        CAPTURE(threads);
+        const index_t stride_shared = C <= shared ? shared : C, stride_apart = stride_shared + 16;
+        std::mt19937_64 rng{std::uint64_t(C + gs)};
+        std::normal_distribution<double> normal;
+        const auto fill = [&](index_t stride, std::vector<T>& x, std::vector<T>& dy) {
+          x.assign(std::size_t(N * stride), std::numeric_limits<T>::quiet_NaN());
+          dy = x;
+          rng.seed(std::uint64_t(C + gs));
+          for (index_t n = 0; n < N; ++n)
+            for (index_t c = 0; c < C; ++c) {
+              x[std::size_t(n * stride + c)] = T(3 + 0.5 * double(c % 5) + normal(rng));
+              dy[std::size_t(n * stride + c)] = T(normal(rng));
+            }
+        };
+        std::vector<T> x_shared, dy_shared, x_apart, dy_apart;
+        fill(stride_shared, x_shared, dy_shared);
+        fill(stride_apart, x_apart, dy_apart);
+        const auto view = [&](const std::vector<T>& v, index_t stride) {
+          return bkn::strided(static_cast<const T*>(v.data()), {N, C, 1, 1},
+                              {stride, 1, stride, stride});
+        };
+        using products = bkn::detail::eigen_products<T>;
+        REQUIRE(products{dy_shared.data(), stride_shared, 1, x_apart.data(), stride_apart, 1}
+                    .rows_crowd_l1());
+        REQUIRE(!products{dy_apart.data(), stride_apart, 1, x_apart.data(), stride_apart, 1}
+                     .rows_crowd_l1());
+        const index_t G = N / gs;
+        std::vector<T> centre(std::size_t(G * C));
+        for (std::size_t i = 0; i < centre.size(); ++i) centre[i] = T(3 + 0.5 * double(i % 5));
+        const bkn::eigen_backend backend{threads, 1};
+        scratch_buffer scratch(
+            eigen::scratch_bytes(backend, {N, C, 1, 1}, gs, bkn::covariance::diagonal));
+        struct results {
+          std::vector<T> mean, var, sum_dy, sum_dy_centred;
+        };
+        const auto run = [&](const std::vector<T>& x, index_t x_stride, const std::vector<T>& dy,
+                             index_t dy_stride) {
+          results r{poisoned<T>(G * C), poisoned<T>(G * C), poisoned<T>(G * C),
+                    poisoned<T>(G * C)};
+          eigen::moments<T, T>(backend, view(x, x_stride), gs, r.mean, r.var, scratch.fresh());
+          eigen::sums<T, T>(backend, view(dy, dy_stride), view(x, x_stride),
+                            bkn::span<const T>(centre), gs, r.sum_dy, r.sum_dy_centred,
+                            scratch.fresh());
+          return r;
+        };
+        const results want = run(x_apart, stride_apart, dy_apart, stride_apart);
+        // Both matrices' rows in one set, and only dy's.
+        for (const results& got : {run(x_shared, stride_shared, dy_shared, stride_shared),
+                                   run(x_apart, stride_apart, dy_shared, stride_shared)}) {
+          CHECK(got.mean == want.mean);
+          CHECK(got.var == want.var);
+          CHECK(got.sum_dy == want.sum_dy);
+          CHECK(got.sum_dy_centred == want.sum_dy_centred);
+        }
+        // And near the sums in double, so that neither layout is wrong the same way.
+        double worst = 0;
+        for (index_t g = 0; g < G; ++g)
+          for (index_t c = 0; c < C; ++c) {
+            double sum = 0, sum_dy = 0, sum_dy_centred = 0, scale = 0;
+            for (index_t n = g * gs; n < (g + 1) * gs; ++n) {
+              const double xv = double(x_apart[std::size_t(n * stride_apart + c)]);
+              const double dyv = double(dy_apart[std::size_t(n * stride_apart + c)]);
+              sum += xv;
+              sum_dy += dyv;
+              sum_dy_centred += dyv * (xv - double(centre[std::size_t(g * C + c)]));
+              scale += std::abs(dyv) * (1 + std::abs(xv));
+            }
+            const std::size_t i = std::size_t(g * C + c);
+            worst = std::max({worst, std::abs(double(want.mean[i]) - sum / double(gs)),
+                              std::abs(double(want.sum_dy[i]) - sum_dy) / scale,
+                              std::abs(double(want.sum_dy_centred[i]) - sum_dy_centred) / scale});
+          }
+        CHECK(worst <= (std::is_same_v<T, float> ? 1e-5 : 1e-12));
+      }
+}
+
 TEST_CASE_TEMPLATE("a constant channel has exactly zero variance", Types, types<float, float>,
                    types<float, double>, types<double, float>, types<double, double>) {
   using T = typename Types::T;
