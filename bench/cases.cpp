@@ -42,6 +42,10 @@ const std::vector<table_line>& full_table() {
       {rows, {128, 1024, 1, 1}, {2, 4}},
       {rows, {1024, 4096, 1, 1}, {2, 4}},   // 16 MB per tensor
       {images, {64, 64, 112, 112}, {}, true},  // ResNet stem: 205 MB per tensor
+      // Groups of 2 to 16 pixels, where cutting groups into chunks starts to cost
+      // (eigen_chunk_pixels): 16 MB per tensor each.
+      {rows, {8192, 512, 1, 1}, {2, 4}, true},
+      {images, {4096, 512, 2, 2}, {2, 4}, true},
   };
   return table;
 }
