@@ -618,9 +618,11 @@ TEST_CASE_TEMPLATE("wide rows: affine over rows side by side, streamed or not, a
   // with streaming stores, side by side only where every row starts on a packet (C = 1544, a
   // multiple of 8: a packet after the last whole line under SSE and AVX), else row by row
   // (C = 1501, a scalar tail). A view that starts 1, 2 or 3 packets past a line boundary takes
-  // the leading packets, and one element past it (unaligned rows) the row-by-row path.
+  // the leading packets, and one element past it (unaligned rows) the row-by-row path. Rows a
+  // multiple of 4 KiB apart (C = 2048) go four side by side, the streamed ones on one thread
+  // ending in a group of one row.
   constexpr index_t L = bkn::detail::eigen_lanes<T>;
-  for (const index_t C : {index_t(1501), index_t(1544)}) {
+  for (const index_t C : {index_t(1501), index_t(1544), index_t(2048)}) {
     CAPTURE(C);
     std::mt19937_64 rng(7);
     std::normal_distribution<double> normal;

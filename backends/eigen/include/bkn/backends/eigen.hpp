@@ -1698,6 +1698,57 @@ void eigen_affine_planes_streamed(T* out, const T* u, const T* v, index_t planes
   for (; i < total; ++i) one(i);
 }
 
+/// eigen_affine_rows over rows whose coefficients outgrow L1: R rows side by side, each packet's
+/// coefficients loaded once for all of them.
+template <index_t R, bool stream, class T>
+void eigen_affine_row_groups(T* out, index_t out_row, const T* u, index_t u_row, const T* v,
+                             index_t v_row, index_t rows, index_t C, const T* a, const T* m,
+                             const T* k, const T* b) {
+  using namespace Eigen::internal;
+  using packet = eigen_packet<T>;
+  constexpr index_t L = eigen_lanes<T>;
+  for (index_t r0 = 0; r0 < rows; r0 += R) {
+    const index_t n = std::min(R, rows - r0);
+    const T* ur = u + r0 * u_row;
+    const T* vr = v ? v + r0 * v_row : nullptr;
+    T* o = out + r0 * out_row;
+    index_t j = 0;
+    // `count` packets of each row, then of the next row, each packet's coefficients loaded
+    // once for all of them.
+    const auto packets = [&](auto count) {
+      constexpr index_t w = decltype(count)::value;
+      packet pa[w], pm[w], pk[w], pb[w];
+      for (index_t q = 0; q < w; ++q) {
+        pa[q] = ploadu<packet>(a + j + q * L);
+        pm[q] = ploadu<packet>(m + j + q * L);
+        pk[q] = ploadu<packet>(k + j + q * L);
+        pb[q] = vr ? ploadu<packet>(b + j + q * L) : pk[q];
+      }
+      for (index_t r = 0; r < n; ++r)
+        for (index_t q = 0; q < w; ++q) {
+          const index_t i = j + q * L;
+          packet res = pmadd(psub(ploadu<packet>(ur + r * u_row + i), pm[q]), pa[q], pk[q]);
+          if (vr) res = padd(res, pmul(ploadu<packet>(vr + r * v_row + i), pb[q]));
+          eigen_store<stream>(o + r * out_row + i, res);
+        }
+      j += w * L;
+    };
+    // A whole cache line of a row before the next row: streaming stores of half a line
+    // (AVX2's 32-byte packets) that moved on to the next row left the eight rows'
+    // write-combining buffers half full, and affine on NC 1024x4096 took twice copy's time.
+    constexpr index_t line = std::max<index_t>(1, index_t(64 / (L * sizeof(T))));
+    while (j + L <= C && reinterpret_cast<std::uintptr_t>(o + j) % 64 != 0)
+      packets(std::integral_constant<index_t, 1>());
+    while (j + line * L <= C) packets(std::integral_constant<index_t, line>());
+    while (j + L <= C) packets(std::integral_constant<index_t, 1>());
+    for (; j < C; ++j)
+      for (index_t r = 0; r < n; ++r) {
+        const T t = (ur[r * u_row + j] - m[j]) * a[j] + k[j];
+        o[r * out_row + j] = vr ? t + vr[r * v_row + j] * b[j] : t;
+      }
+  }
+}
+
 /// The same over `rows` rows of C contiguous channels (row r of out at out + r * out_row, ...),
 /// with per-channel coefficients; a tile of channels keeps its coefficients in registers over
 /// every row. b is null without v.
@@ -1714,48 +1765,16 @@ void eigen_affine_rows(T* out, index_t out_row, const T* u, index_t u_row, const
   const std::size_t coefficient_bytes = std::size_t(C) * sizeof(T) * (v ? 4 : 3);
   if (coefficient_bytes > eigen_l1_coefficient_bytes &&
       (!stream || (eigen_packet_aligned(out) && out_row % L == 0))) {
-    constexpr index_t R = eigen_row_group;
-    for (index_t r0 = 0; r0 < rows; r0 += R) {
-      const index_t n = std::min(R, rows - r0);
-      const T* ur = u + r0 * u_row;
-      const T* vr = v ? v + r0 * v_row : nullptr;
-      T* o = out + r0 * out_row;
-      index_t j = 0;
-      // `count` packets of each row, then of the next row, each packet's coefficients loaded
-      // once for all of them.
-      const auto packets = [&](auto count) {
-        constexpr index_t w = decltype(count)::value;
-        packet pa[w], pm[w], pk[w], pb[w];
-        for (index_t q = 0; q < w; ++q) {
-          pa[q] = ploadu<packet>(a + j + q * L);
-          pm[q] = ploadu<packet>(m + j + q * L);
-          pk[q] = ploadu<packet>(k + j + q * L);
-          pb[q] = vr ? ploadu<packet>(b + j + q * L) : pk[q];
-        }
-        for (index_t r = 0; r < n; ++r)
-          for (index_t q = 0; q < w; ++q) {
-            const index_t i = j + q * L;
-            packet res = pmadd(psub(ploadu<packet>(ur + r * u_row + i), pm[q]), pa[q], pk[q]);
-            if (vr) res = padd(res, pmul(ploadu<packet>(vr + r * v_row + i), pb[q]));
-            eigen_store<stream>(o + r * out_row + i, res);
-          }
-        j += w * L;
-      };
-      // A whole cache line of a row before the next row: streaming stores of half a line
-      // (AVX2's 32-byte packets) that moved on to the next row left the eight rows'
-      // write-combining buffers half full, and affine on NC 1024x4096 took twice copy's time.
-      constexpr index_t line = std::max<index_t>(1, index_t(64 / (L * sizeof(T))));
-      while (j + L <= C && reinterpret_cast<std::uintptr_t>(o + j) % 64 != 0)
-        packets(std::integral_constant<index_t, 1>());
-      while (j + line * L <= C) packets(std::integral_constant<index_t, line>());
-      while (j + L <= C) packets(std::integral_constant<index_t, 1>());
-      for (; j < C; ++j)
-        for (index_t r = 0; r < n; ++r) {
-          const T t = (ur[r * u_row + j] - m[j]) * a[j] + k[j];
-          o[r * out_row + j] = vr ? t + vr[r * v_row + j] * b[j] : t;
-        }
-    }
-    return;
+    // Rows a multiple of eigen_l1_set_period apart all fall in one set of L1: eight of them
+    // there, beside the streaming stores, took 1.5x the time of four (page-aligned NC
+    // 1024x4096, one thread); rows that spread over the sets are faster eight at a time.
+    const bool crowd = std::size_t(u_row) * sizeof(T) % eigen_l1_set_period == 0 ||
+                       (v && std::size_t(v_row) * sizeof(T) % eigen_l1_set_period == 0);
+    if (crowd)
+      return eigen_affine_row_groups<eigen_row_group / 2, stream>(out, out_row, u, u_row, v, v_row,
+                                                                  rows, C, a, m, k, b);
+    return eigen_affine_row_groups<eigen_row_group, stream>(out, out_row, u, u_row, v, v_row,
+                                                            rows, C, a, m, k, b);
   }
   if (C > eigen_register_tile * L) {
     // Wide rows, unevenly aligned: row after row, the coefficients read from L1.
