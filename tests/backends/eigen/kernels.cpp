@@ -472,6 +472,21 @@ double affine_error(T out, T u, T v, T a, T m, T k, T b, bool with_v) {
   return std::isnan(err) ? 1e300 : err / tol;
 }
 
+/// Per-channel a, m, k and b of affine, each value drawn from N(0, 1).
+template <class T>
+struct affine_coefficients {
+  std::vector<T> a, m, k, b;
+  affine_coefficients(index_t C, std::mt19937_64& rng) : a(C), m(C), k(C), b(C) {
+    std::normal_distribution<double> normal;
+    for (index_t c = 0; c < C; ++c) {
+      a[c] = T(normal(rng));
+      m[c] = T(normal(rng));
+      k[c] = T(normal(rng));
+      b[c] = T(normal(rng));
+    }
+  }
+};
+
 }  // namespace
 
 TEST_CASE_TEMPLATE("eigen kernels agree with the reference backend", Types,
@@ -626,13 +641,8 @@ TEST_CASE_TEMPLATE("wide rows: affine over rows side by side, streamed or not, a
     CAPTURE(C);
     std::mt19937_64 rng(7);
     std::normal_distribution<double> normal;
-    std::vector<T> a(C), m(C), k(C), b(C);
-    for (index_t c = 0; c < C; ++c) {
-      a[c] = T(normal(rng));
-      m[c] = T(normal(rng));
-      k[c] = T(normal(rng));
-      b[c] = T(normal(rng));
-    }
+    const affine_coefficients<T> drawn(C, rng);
+    const std::vector<T>& a = drawn.a, &m = drawn.m, &k = drawn.k, &b = drawn.b;
     const bool streamed_sizes[] = {false, true};
     for (const bool streamed : streamed_sizes) {
       // Just over 8 MiB of output streams.
@@ -678,6 +688,80 @@ TEST_CASE_TEMPLATE("wide rows: affine over rows side by side, streamed or not, a
               around_intact = around_intact && std::isnan(*p);
             CHECK(around_intact);
           }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("wide rows with out just past x in its page: the same bits as further on", T,
+                   float, double) {
+  // Where out sits 1 to eigen_store_lead_bytes past x (or v) in its page, the rows side by side
+  // are walked from their last channel to their first: the same values, bit for bit, as where
+  // out sits half a page further on and the rows are walked forward. Rows of 2048 values
+  // (4 KiB apart or more: four side by side), 1544 and 1539 (eight; 1539 ends in single values,
+  // and its rows, not all on a packet, stream row by row); every view starts 32 bytes past a
+  // line, so rows have a leading packet before their first whole line; streamed (8 MiB of
+  // output or more) or not, one and two threads.
+  constexpr std::size_t page = bkn::detail::eigen_l1_set_period;
+  constexpr std::size_t lead = bkn::detail::eigen_store_lead_bytes;
+  for (const index_t C : {index_t(2048), index_t(1544), index_t(1539)}) {
+    CAPTURE(C);
+    std::mt19937_64 rng(11);
+    std::normal_distribution<double> normal;
+    const affine_coefficients<T> drawn(C, rng);
+    const std::vector<T>& a = drawn.a, &m = drawn.m, &k = drawn.k, &b = drawn.b;
+    const bool streamed_sizes[] = {false, true};
+    for (const bool streamed : streamed_sizes) {
+      const index_t N = streamed ? index_t(((std::size_t(8) << 20) / sizeof(T)) / C + 1) : 37;
+      const std::size_t E = std::size_t(N * C);
+      // x and v 32 bytes into a page; out d + 32 bytes into another, NaN around it.
+      const std::size_t slack = 2 * page / sizeof(T);
+      std::vector<T> x_buffer(E + slack), v_buffer(E + slack), out_buffer(E + 2 * slack);
+      const auto on_page = [&](std::vector<T>& buffer, std::size_t bytes) {
+        auto p = reinterpret_cast<std::uintptr_t>(buffer.data());
+        p = (p + page - 1) / page * page + bytes;
+        return reinterpret_cast<T*>(p);
+      };
+      T* x = on_page(x_buffer, 32);
+      T* v = on_page(v_buffer, 32);
+      for (std::size_t e = 0; e < E; ++e) x[e] = T(normal(rng)), v[e] = T(normal(rng));
+      const auto run = [&](std::size_t d, bool with_v, int threads) {
+        std::fill(out_buffer.begin(), out_buffer.end(), std::numeric_limits<T>::quiet_NaN());
+        T* out = on_page(out_buffer, 32 + d);
+        const bkn::eigen_backend backend{threads, 1};
+        eigen::affine<T, T>(backend, bkn::nc(out, N, C),
+                            bkn::nc(static_cast<const T*>(x), N, C), bkn::span<const T>(a),
+                            bkn::span<const T>(m),
+                            with_v ? bkn::nc(static_cast<const T*>(v), N, C)
+                                   : bkn::tensor_view<const T>(),
+                            with_v ? bkn::span<const T>(b) : bkn::span<const T>(),
+                            bkn::span<const T>(k), N);
+        bool around_intact = true;
+        for (T* p = out_buffer.data(); p < out; ++p)
+          around_intact = around_intact && std::isnan(*p);
+        for (T* p = out + E; p < out_buffer.data() + out_buffer.size(); ++p)
+          around_intact = around_intact && std::isnan(*p);
+        CHECK(around_intact);
+        return std::vector<T>(out, out + E);
+      };
+      for (const bool with_v : {false, true})
+        for (const int threads : {1, 2}) {
+          CAPTURE(streamed);
+          CAPTURE(with_v);
+          CAPTURE(threads);
+          const std::vector<T> forward = run(page / 2, with_v, threads);
+          double worst = 0;
+          for (index_t n = 0; n < N; ++n)
+            for (index_t c = 0; c < C; ++c) {
+              const std::size_t e = std::size_t(n * C + c);
+              worst = std::max(worst, affine_error(forward[e], x[e], v[e], a[c], m[c], k[c],
+                                                   b[c], with_v));
+            }
+          CHECK(worst <= 1.0);
+          for (const std::size_t d : {std::size_t(64), std::size_t(192), lead}) {
+            CAPTURE(d);
+            CHECK(run(d, with_v, threads) == forward);
+          }
+        }
     }
   }
 }
