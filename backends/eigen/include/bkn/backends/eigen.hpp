@@ -10,6 +10,18 @@
 #include <type_traits>
 #include <utility>
 
+// GCC before 13 warns that the AVX-512 intrinsics under Eigen's packet math (the 256-bit
+// halves of a 512-bit packet: _mm512_extractf32x8_ps and kin) read an uninitialized value,
+// since their _mm256_undefined_* is `__m256 __Y = __Y;` (GCC bug 105593). The warning names
+// the code the intrinsic was inlined into: bkn's, or Eigen's own products where bkn's header
+// is the first to include Eigen. It is silenced from here to the end of this header alone.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13 && defined(__AVX512F__)
+#define BKN_EIGEN_GCC_AVX512_PRAGMAS 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include <Eigen/Core>
 
 #if defined(__SSE2__)
@@ -2295,6 +2307,11 @@ struct kernels<eigen_backend> {
 };
 
 BKN_END_NAMESPACE
+
+#if defined(BKN_EIGEN_GCC_AVX512_PRAGMAS)
+#pragma GCC diagnostic pop
+#undef BKN_EIGEN_GCC_AVX512_PRAGMAS
+#endif
 
 #undef BKN_EIGEN_SIMD_LOOP
 #undef BKN_EIGEN_INLINE_LAMBDA
