@@ -541,6 +541,11 @@ inline constexpr index_t eigen_row_group = 8;
 /// Addresses a multiple of this many bytes apart share a set of L1 (x86's 32-48 KiB of 8 or 12
 /// ways), which then holds at most that many of their lines.
 inline constexpr std::size_t eigen_l1_set_period = std::size_t(4) << 10;
+/// Whether rows `row_stride` elements of T apart all fall in one set of L1.
+template <class T>
+constexpr bool eigen_rows_share_l1_set(index_t row_stride) noexcept {
+  return std::size_t(row_stride) * sizeof(T) % eigen_l1_set_period == 0;
+}
 /// Packets of channels that the wide-row sums read side by side over a group of rows: two sums
 /// per packet fill AVX2's 16 vector registers (the centres are read from L1).
 inline constexpr index_t eigen_wide_tile = 8;
@@ -821,8 +826,7 @@ struct eigen_products {
   /// Whether either matrix's rows lie a multiple of eigen_l1_set_period apart: eight of them
   /// and eight of the other's are more lines than a set of L1 holds.
   bool rows_crowd_l1() const noexcept {
-    return std::size_t(dy_stride) * sizeof(T) % eigen_l1_set_period == 0 ||
-           std::size_t(x_stride) * sizeof(T) % eigen_l1_set_period == 0;
+    return eigen_rows_share_l1_set<T>(dy_stride) || eigen_rows_share_l1_set<T>(x_stride);
   }
   template <class Packet>
   EIGEN_ALWAYS_INLINE void packet(index_t i, index_t j, const Packet& c, Packet& u,
@@ -1715,6 +1719,17 @@ void eigen_affine_planes_streamed(T* out, const T* u, const T* v, index_t planes
   for (; i < total; ++i) one(i);
 }
 
+/// Whether `out` sits 1 to eigen_store_lead_bytes past `in` in its page: walked forward, the
+/// loads of in's next lines would wait on the stores just issued to out, whose low 12 bits
+/// match theirs; walked from the end, as memmove walks such copies, they do not.
+template <class T>
+inline bool eigen_store_leads(const T* out, const T* in) {
+  const std::size_t d =
+      (reinterpret_cast<std::uintptr_t>(out) - reinterpret_cast<std::uintptr_t>(in)) %
+      eigen_l1_set_period;
+  return d != 0 && d <= eigen_store_lead_bytes;
+}
+
 /// eigen_affine_rows over rows whose coefficients outgrow L1: R rows side by side, each packet's
 /// coefficients loaded once for all of them.
 template <index_t R, bool stream, class T>
@@ -1724,15 +1739,8 @@ void eigen_affine_row_groups(T* out, index_t out_row, const T* u, index_t u_row,
   using namespace Eigen::internal;
   using packet = eigen_packet<T>;
   constexpr index_t L = eigen_lanes<T>;
-  // Where out sits a few lines past u (or v) in its page, a forward walk's loads wait on the
-  // stores just issued to out: the rows are then walked from their ends, as memmove walks
-  // such copies.
-  const auto just_ahead = [&](const T* in) {
-    const std::size_t d = (reinterpret_cast<std::uintptr_t>(out) -
-                           reinterpret_cast<std::uintptr_t>(in)) % eigen_l1_set_period;
-    return d != 0 && d <= eigen_store_lead_bytes;
-  };
-  const bool backward = just_ahead(u) || (v && just_ahead(v));
+  // Rows walked from their ends where out sits just past u or v in its page.
+  const bool backward = eigen_store_leads(out, u) || (v && eigen_store_leads(out, v));
   for (index_t r0 = 0; r0 < rows; r0 += R) {
     const index_t n = std::min(R, rows - r0);
     const T* ur = u + r0 * u_row;
@@ -1808,8 +1816,8 @@ void eigen_affine_rows(T* out, index_t out_row, const T* u, index_t u_row, const
     // Rows a multiple of eigen_l1_set_period apart all fall in one set of L1: eight of them
     // there, beside the streaming stores, took 1.5x the time of four (page-aligned NC
     // 1024x4096, one thread); rows that spread over the sets are faster eight at a time.
-    const bool crowd = std::size_t(u_row) * sizeof(T) % eigen_l1_set_period == 0 ||
-                       (v && std::size_t(v_row) * sizeof(T) % eigen_l1_set_period == 0);
+    const bool crowd =
+        eigen_rows_share_l1_set<T>(u_row) || (v && eigen_rows_share_l1_set<T>(v_row));
     if (crowd)
       return eigen_affine_row_groups<eigen_row_group / 2, stream>(out, out_row, u, u_row, v, v_row,
                                                                   rows, C, a, m, k, b);
