@@ -169,7 +169,8 @@ inline constexpr index_t eigen_group_sums_values = 2048;
 #define BKN_EIGEN_SIMD_LOOP
 #endif
 // A lambda whose packets must stay in registers across its caller's loop: inlined even where
-// the compiler's size heuristics would make it a call (GCC did so for tiles of four packets).
+// the compiler's size heuristics would make it a call (GCC did so for tiles of four packets,
+// and under AVX-512 for eigen_column_tile's, whose sums then went through the stack).
 #if defined(__GNUC__)
 #define BKN_EIGEN_INLINE_LAMBDA __attribute__((always_inline))
 #else
@@ -863,19 +864,19 @@ EIGEN_ALWAYS_INLINE void eigen_column_tile(const Term& term, index_t count, inde
   using packet = eigen_packet<T>;
   constexpr index_t L = eigen_lanes<T>;
   packet m[P], f[P], s[P];
-  eigen_unrolled<P>([&](auto t) {
+  eigen_unrolled<P>([&](auto t) BKN_EIGEN_INLINE_LAMBDA {
     m[t] = ploadu<packet>(centre + j + t * L);
     f[t] = s[t] = pset1<packet>(T(0));
     if constexpr (seeded && sum_u) f[t] = ploadu<packet>(first + j + t * L);
     if constexpr (seeded && sum_uv) s[t] = ploadu<packet>(second + j + t * L);
   });
   for (index_t r = 0; r < count; ++r)
-    eigen_unrolled<P>([&](auto t) {
+    eigen_unrolled<P>([&](auto t) BKN_EIGEN_INLINE_LAMBDA {
       packet u, v;
       term.packet(r, j + t * L, m[t], u, v);
       eigen_accumulate<sum_u, sum_uv>(f[t], s[t], u, v);
     });
-  eigen_unrolled<P>([&](auto t) {
+  eigen_unrolled<P>([&](auto t) BKN_EIGEN_INLINE_LAMBDA {
     T* const to_first = first + j + t * L;
     T* const to_second = second + j + t * L;
     if constexpr (!seeded) {
@@ -997,7 +998,7 @@ void eigen_column_sums(const Term& term, index_t rows, index_t C, const T* centr
   }
   if (term.contiguous()) {
     // Tiles of four packets, then two, then one: every accumulator in a register over all rows.
-    const auto tile = [&](auto packets) {
+    const auto tile = [&](auto packets) BKN_EIGEN_INLINE_LAMBDA {
       constexpr int P = decltype(packets)::value;
       eigen_column_tile<P, false, sum_u, sum_uv>(term, rows, c, centre, first, second);
       c += P * L;
