@@ -14,7 +14,8 @@
 // halves of a 512-bit packet: _mm512_extractf32x8_ps and kin) read an uninitialized value,
 // since their _mm256_undefined_* is `__m256 __Y = __Y;` (GCC bug 105593). The warning names
 // the code the intrinsic was inlined into: bkn's, or Eigen's own products where bkn's header
-// is the first to include Eigen. It is silenced from here to the end of this header alone.
+// is the first to include Eigen. It is silenced from here to the end of this header (and in
+// the headers it is the first to include), nowhere else.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13 && defined(__AVX512F__)
 #define BKN_EIGEN_GCC_AVX512_PRAGMAS 1
 #pragma GCC diagnostic push
